@@ -1,0 +1,263 @@
+"""Resolve: follow `extends`, merge parent and child, apply `--set` overrides.
+
+The child's bindings, params and config keys override the parent's by name (config blocks
+merge key by key). `extends` paths are relative to the spec's folder or to a search path; the
+resolved file must lie under one of the allowed roots (the top spec's folder, a folder given
+on the command line, a `--path`) and be a `.shape` file, so a spec can never make the
+checker read an arbitrary file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from shapeflow.dsl import ast
+from shapeflow.dsl.diagnostics import Diagnostics, Span
+from shapeflow.dsl.parser import parse_file
+
+COMMAND_LINE = "<command line>"
+
+
+@dataclass
+class Resolved:
+    file: str  # display path of the top spec
+    name: str
+    header: dict[str, ast.HeaderEntry] = field(default_factory=dict)  # title, cite (child wins)
+    params: dict[str, ast.Param] = field(default_factory=dict)
+    bindings: dict[str, ast.Binding] = field(default_factory=dict)
+    configs: dict[str, dict[str, ast.ConfigEntry]] = field(default_factory=lambda: {b: {} for b in ast.CONFIG_BLOCKS})
+    chain: list[str] = field(default_factory=list)  # the top spec, then its ancestors
+    sources: dict[str, str] = field(default_factory=dict)  # display path -> text, for rendering
+    set_params: frozenset[str] = frozenset()  # params overridden from the command line
+
+
+def display_path(path: Path) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+class _Loader:
+    def __init__(self, diags: Diagnostics, roots: list[Path], search: list[Path]):
+        self.diags, self.roots, self.search = diags, roots, search
+        self.sources: dict[str, str] = {}
+        self.cache: dict[Path, ast.Spec | None] = {}
+
+    def load(self, path: Path) -> ast.Spec | None:
+        if path not in self.cache:
+            spec, text = parse_file(path, display_path(path), self.diags)
+            self.sources[display_path(path)] = text
+            self.cache[path] = spec
+        return self.cache[path]
+
+    def find_parent(self, entry: ast.HeaderEntry, child: Path) -> Path | None:
+        value = entry.value
+        if not isinstance(value, ast.String):
+            self.diags.error(value.span, "E309", "extends must be a string naming a .shape file",
+                             'e.g. extends = "grpo.shape"')
+            return None
+        target = value.value
+        if not target.endswith(".shape"):
+            self.diags.error(value.span, "E603", f"extends names '{target}', which is not a .shape file",
+                             "a spec can only extend another spec")
+            return None
+        bases = [child.parent] + self.search
+        candidates = [Path(target)] if os.path.isabs(target) else [b / target for b in bases]
+        found = next((c.resolve() for c in candidates if c.is_file()), None)
+        if found is None:
+            looked = ", ".join(display_path(b) or "." for b in bases)
+            self.diags.error(value.span, "E600", f"cannot find '{target}' (looked in: {looked})",
+                             "give the path relative to this spec's folder, or add a folder with --path")
+            return None
+        if not _inside(found, self.roots):
+            allowed = ", ".join(display_path(r) or "." for r in self.roots)
+            self.diags.error(value.span, "E602", f"'{target}' resolves to {display_path(found)}, outside the "
+                             f"allowed folders ({allowed})", "add its folder with --path if you trust it")
+            return None
+        return found
+
+
+def resolve(
+    path: Path,
+    diags: Diagnostics,
+    *,
+    search: list[Path] = (),
+    roots: list[Path] = (),
+    sets: list[str] = (),
+) -> Resolved | None:
+    """Load ``path`` and its `extends` ancestors and merge them; None if the top file fails to parse."""
+    path = path.resolve()
+    search = [Path(s).resolve() for s in search]
+    allowed = [path.parent] + [Path(r).resolve() for r in roots] + search
+    loader = _Loader(diags, allowed, search)
+    top = loader.load(path)
+    if top is None:
+        return Resolved(display_path(path), path.stem, sources=loader.sources)
+
+    # Walk up the chain: child first.
+    chain: list[tuple[Path, ast.Spec]] = [(path, top)]
+    while True:
+        current_path, current = chain[-1]
+        entry = _header_entries(current, diags).get("extends")
+        if entry is None:
+            break
+        parent_path = loader.find_parent(entry, current_path)
+        if parent_path is None:
+            break
+        if parent_path in [p for p, _ in chain]:
+            cycle = " → ".join(display_path(p) for p, _ in chain) + f" → {display_path(parent_path)}"
+            diags.error(entry.value.span, "E601", f"extends cycle: {cycle}", "remove one of the extends")
+            break
+        parent = loader.load(parent_path)
+        if parent is None:
+            diags.error(entry.value.span, "E600", f"cannot use '{entry.value.value}': it has syntax errors")
+            break
+        chain.append((parent_path, parent))
+
+    name = top.header.name if top.header else path.stem
+    out = Resolved(display_path(path), name, chain=[display_path(p) for p, _ in chain])
+    for _, spec in reversed(chain):  # root ancestor first, so children override
+        _merge(out, spec, diags)
+    _apply_sets(out, sets, diags)
+    out.sources.update(loader.sources)
+    return out
+
+
+def _header_entries(spec: ast.Spec, diags: Diagnostics) -> dict[str, ast.HeaderEntry]:
+    entries: dict[str, ast.HeaderEntry] = {}
+    if spec.header is None:
+        return entries
+    for e in spec.header.entries:
+        if e.key not in ast.HEADER_KEYS:
+            close = difflib.get_close_matches(e.key, ast.HEADER_KEYS, n=1)
+            diags.error(e.key_span, "E206", f"unknown header key '{e.key}'",
+                        f"did you mean '{close[0]}'?" if close else f"header keys are {', '.join(ast.HEADER_KEYS)}")
+        elif e.key in entries:
+            diags.error(e.key_span, "E205", f"header key '{e.key}' is given twice")
+        else:
+            entries[e.key] = e
+    return entries
+
+
+def _merge(out: Resolved, spec: ast.Spec, diags: Diagnostics) -> None:
+    for key, entry in _header_entries(spec, diags).items():
+        if key != "extends":
+            out.header[key] = entry
+    seen_here: dict[str, Span] = {}
+    for stmt in spec.statements:
+        if isinstance(stmt, ast.Config):
+            keys: dict[str, ast.ConfigEntry] = {}
+            for e in stmt.entries:
+                if e.key in keys:
+                    diags.error(e.key_span, "E205", f"'{stmt.block}.{e.key}' is set twice in this block")
+                keys[e.key] = e
+            out.configs[stmt.block].update(keys)
+            continue
+        if stmt.name in seen_here:
+            prev = seen_here[stmt.name]
+            what = "param" if isinstance(stmt, ast.Param) else "binding"
+            diags.error(stmt.name_span, "E202" if what == "binding" else "E203",
+                        f"'{stmt.name}' is defined twice in this spec (first at line {prev.line})",
+                        "rename one; to override a parent's definition, use extends")
+            continue
+        seen_here[stmt.name] = stmt.name_span
+        if isinstance(stmt, ast.Param):
+            if stmt.name in out.bindings:
+                out.bindings.pop(stmt.name)  # a child may turn a parent's binding into a param
+            out.params[stmt.name] = stmt
+        else:
+            out.params.pop(stmt.name, None)
+            out.bindings[stmt.name] = stmt
+    # A name that is both a param and a binding within one file.
+    names = [s for s in spec.statements if not isinstance(s, ast.Config)]
+    kinds: dict[str, type] = {}
+    for s in names:
+        if s.name in kinds and kinds[s.name] is not type(s):
+            diags.error(s.name_span, "E204", f"'{s.name}' names both a param and a binding", "rename one of them")
+        kinds.setdefault(s.name, type(s))
+
+
+# --- --set NAME=VALUE ----------------------------------------------------------------------
+
+
+def _literal(value: object, span: Span) -> ast.Expr:
+    if value is None:
+        return ast.NoneLit(span)
+    if isinstance(value, bool):
+        return ast.Bool(value, span)
+    if isinstance(value, (int, float)):
+        return ast.Number(value, span)
+    if isinstance(value, str):
+        return ast.String(value, span)
+    if isinstance(value, list):
+        items = tuple(_literal(v, span) for v in value)
+        return ast.ListLit(items, span, 1 + max((i.depth for i in items), default=0))
+    raise ValueError(f"unsupported value {value!r}")
+
+
+def parse_set_value(text: str) -> object:
+    """A --set value: JSON-like literals (numbers, "strings", true/false/none, [lists]) or a bare word."""
+    stripped = text.strip()
+    if stripped == "none":
+        return None
+    try:
+        value = json.loads(stripped.replace("none", "null") if stripped.startswith("[") else stripped)
+    except ValueError:
+        if stripped and all(c.isalnum() or c in "._-:/+@" for c in stripped):
+            return stripped  # a bare word is a string: --set track.backend=jsonl
+        raise ValueError(f"cannot read {text!r} as a value (use a number, true/false/none, \"text\" or [a, b])")
+    if isinstance(value, dict):
+        raise ValueError("objects are not values in a spec")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+def _apply_sets(out: Resolved, sets: list[str], diags: Diagnostics) -> None:
+    out.sources[COMMAND_LINE] = "\n".join(f"--set {s}" for s in sets)
+    set_params = set()
+    for i, item in enumerate(sets, start=1):
+        offset = len("--set ")
+        whole = Span(COMMAND_LINE, i, offset + 1, i, offset + len(item) + 1)
+        name, eq, raw = item.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            diags.error(whole, "E801", f"--set needs NAME=VALUE, got {item!r}", "e.g. --set lr=1e-4")
+            continue
+        vspan = Span(COMMAND_LINE, i, offset + len(name) + 2, i, offset + len(item) + 1)
+        nspan = Span(COMMAND_LINE, i, offset + 1, i, offset + len(name) + 1)
+        try:
+            value = _literal(parse_set_value(raw), vspan)
+        except ValueError as exc:
+            diags.error(vspan, "E801", str(exc))
+            continue
+        head, dot, key = name.partition(".")
+        if not dot and head in out.params:
+            out.params[head] = ast.Param(head, value, whole, nspan)
+            set_params.add(head)
+        elif dot and head in ast.CONFIG_BLOCKS:
+            out.configs[head][key] = ast.ConfigEntry(key, value, whole, nspan)
+        elif dot and head in out.bindings and isinstance(out.bindings[head].value, ast.Call):
+            binding = out.bindings[head]
+            call = binding.value
+            kwargs = tuple(k for k in call.kwargs if k.name != key) + (ast.Kwarg(key, value, whole, nspan),)
+            out.bindings[head] = replace(binding, value=replace(call, kwargs=kwargs))
+        else:
+            targets = list(out.params) + [f"{b}.KEY" for b in ast.CONFIG_BLOCKS] + [
+                f"{b}.KEY" for b, v in out.bindings.items() if isinstance(v.value, ast.Call)
+            ]
+            close = difflib.get_close_matches(name, list(out.params) + [f"{b}." for b in out.bindings], n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "settable: " + ", ".join(targets)
+            diags.error(nspan, "E800", f"--set {name}: no param, config key or stage call named '{name}'", hint)
+    out.set_params = frozenset(set_params)

@@ -1,0 +1,211 @@
+"""AST of a .shape file: small frozen data classes, each with its source span.
+
+Expressions carry ``depth`` (1 for a leaf) so that later passes can refuse absurdly deep
+trees up front instead of recursing into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+from shapeflow.dsl.diagnostics import Span
+
+BINDING_KINDS = ("model", "data", "rollout", "verify", "reward", "advantage", "objective")
+CONFIG_BLOCKS = ("train", "track")
+HEADER_KEYS = ("title", "cite", "extends")
+
+
+# --- expressions -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    value: int | float
+    span: Span
+    depth: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class String:
+    value: str
+    span: Span
+    depth: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Bool:
+    value: bool
+    span: Span
+    depth: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class NoneLit:
+    span: Span
+    depth: int = 1
+
+    @property
+    def value(self) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ListLit:
+    items: tuple["Expr", ...]
+    span: Span
+    depth: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    """A reference to a binding or a param; dotted only by mistake (``a.b`` is not a value)."""
+
+    id: str
+    span: Span
+    depth: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Kwarg:
+    name: str
+    value: "Expr"
+    span: Span
+    name_span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """``stage.name(args..., key = value...)``; ``a |> f(x)`` is parsed as ``f(a, x)``."""
+
+    func: str
+    args: tuple["Expr", ...]
+    kwargs: tuple[Kwarg, ...]
+    span: Span
+    func_span: Span
+    depth: int = 1
+    piped: bool = False  # the first positional argument came from ``|>``
+
+
+@dataclass(frozen=True, slots=True)
+class BinOp:
+    op: str  # one of + - * /
+    left: "Expr"
+    right: "Expr"
+    span: Span
+    op_span: Span
+    depth: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Neg:
+    operand: "Expr"
+    span: Span
+    depth: int = 1
+
+
+Literal = Union[Number, String, Bool, NoneLit, ListLit]
+Expr = Union[Number, String, Bool, NoneLit, ListLit, Name, Call, BinOp, Neg]
+
+
+# --- statements --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEntry:
+    key: str
+    value: Expr
+    span: Span
+    key_span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    name: str
+    entries: tuple[HeaderEntry, ...]
+    span: Span
+    name_span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    name: str
+    value: Expr
+    span: Span
+    name_span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    kind: str
+    name: str
+    value: Expr
+    span: Span
+    name_span: Span
+    kind_span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigEntry:
+    key: str
+    value: Expr
+    span: Span
+    key_span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    block: str  # "train" or "track"
+    entries: tuple[ConfigEntry, ...]
+    span: Span
+
+
+Statement = Union[Param, Binding, Config]
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    file: str
+    header: Header | None
+    statements: tuple[Statement, ...]
+
+
+def children(expr: Expr) -> tuple[Expr, ...]:
+    """The sub-expressions of ``expr`` in source order."""
+    if isinstance(expr, Call):
+        return expr.args + tuple(k.value for k in expr.kwargs)
+    if isinstance(expr, BinOp):
+        return (expr.left, expr.right)
+    if isinstance(expr, Neg):
+        return (expr.operand,)
+    if isinstance(expr, ListLit):
+        return expr.items
+    return ()
+
+
+def walk(expr: Expr):
+    """Every node of ``expr``, pre-order, without recursion."""
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(children(node)))
+
+
+def to_data(node) -> object:
+    """A JSON-ready view of an AST node (``--emit ast``)."""
+    if isinstance(node, tuple):
+        return [to_data(n) for n in node]
+    if isinstance(node, Span):
+        return f"{node.line}:{node.column}-{node.end_line}:{node.end_column}"
+    if hasattr(node, "__dataclass_fields__"):
+        out: dict[str, object] = {"node": type(node).__name__}
+        for name in node.__dataclass_fields__:
+            if name in ("depth",) or name.endswith("_span"):
+                continue
+            value = getattr(node, name)
+            if name == "piped" and not value:
+                continue
+            out[name] = to_data(value)
+        return out
+    return node

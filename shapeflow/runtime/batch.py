@@ -1,0 +1,104 @@
+"""The value of type ``Rollouts``: one step's responses as padded tensors plus their needs.
+
+B responses, padded to T tokens. Responses with the same prompt form a group; groups are
+given by ``group_index`` (B,) with values in ``0..num_groups-1``, so group statistics are a
+scatter over it, never a Python loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from shapeflow._lazy import torch
+from shapeflow.stdlib.needs import NEEDS
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class MissingNeed(LookupError):
+    """A stage asked the batch for something this rollout did not record."""
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: list[Any]  # (B,) the prompt each response answers
+    group_index: "Tensor"  # (B,) long, group of each response
+    mask: "Tensor"  # (B, T) float, 1 on response tokens
+    prompts: list[str] | None = None
+    answers: list[str] | None = None
+    responses: list[str] | None = None
+    response_ids: "Tensor | None" = None  # (B, T) long
+    logprobs: "Tensor | None" = None  # (B, T) behaviour log-probs
+    ref_logprobs: "Tensor | None" = None  # (B, T)
+    entropy: "Tensor | None" = None  # (B, T)
+    truncated: "Tensor | None" = None  # (B,) bool
+    scores: dict[str, "Tensor"] = field(default_factory=dict)  # name -> (B,)
+    extra: dict[str, Any] = field(default_factory=dict)  # other needs by name
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_index.max().item()) + 1 if self.size else 0
+
+    @property
+    def lengths(self) -> "Tensor":
+        """(B,) number of response tokens."""
+        return self.mask.sum(-1)
+
+    def need(self, name: str) -> Any:
+        """The recorded value of need ``name``, or a MissingNeed naming the field."""
+        where = NEEDS[name].field if name in NEEDS else f"extra.{name}"
+        value = self.extra.get(where.removeprefix("extra.")) if where.startswith("extra.") else {
+            "prompt": self.prompts,
+            "answer": self.answers,
+            "response": self.responses,
+            "response_ids": self.response_ids,
+            "logprobs": self.logprobs,
+            "ref_logprobs": self.ref_logprobs,
+            "entropy": self.entropy,
+            "truncated": self.truncated,
+            "scores": self.scores or None,
+        }.get(name)
+        if value is None:
+            raise MissingNeed(f"the rollouts carry no '{where}' (need '{name}')")
+        return value
+
+    def select(self, rows: "Tensor") -> "RolloutBatch":
+        """The sub-batch of ``rows`` (a minibatch); group ids are kept."""
+        idx = rows.tolist()
+
+        def pick(v):
+            if v is None:
+                return None
+            if isinstance(v, list):
+                return [v[i] for i in idx]
+            if hasattr(v, "index_select"):
+                return v.index_select(0, rows)
+            return v
+
+        return RolloutBatch(
+            prompt_ids=pick(self.prompt_ids),
+            group_index=pick(self.group_index),
+            mask=pick(self.mask),
+            prompts=pick(self.prompts),
+            answers=pick(self.answers),
+            responses=pick(self.responses),
+            response_ids=pick(self.response_ids),
+            logprobs=pick(self.logprobs),
+            ref_logprobs=pick(self.ref_logprobs),
+            entropy=pick(self.entropy),
+            truncated=pick(self.truncated),
+            scores={k: pick(v) for k, v in self.scores.items()},
+            extra={k: pick(v) for k, v in self.extra.items()},
+        )
+
+
+def group_index_of(prompt_ids: list[Any]) -> "Tensor":
+    """(B,) group index of each response: prompt ids numbered in order of first appearance."""
+    seen: dict[Any, int] = {}
+    return torch.tensor([seen.setdefault(p, len(seen)) for p in prompt_ids], dtype=torch.long)

@@ -1,0 +1,49 @@
+"""Rollout stages: sample responses from the policy. Engines are registered here too."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from shapeflow.stdlib.models import StageUnavailable
+from shapeflow.stdlib.registry import REGISTRY, StageParams, stage
+
+REGISTRY.add_engine(
+    "generate",
+    provides=("prompt", "answer", "response", "response_ids", "logprobs", "truncated", "scores",
+              "entropy", "hidden_states"),
+    doc="Hugging Face `generate` on the training model (CPU or GPU).",
+)
+REGISTRY.add_engine(
+    "vllm",
+    provides=("prompt", "answer", "response", "response_ids", "logprobs", "truncated", "scores"),
+    doc="vLLM: sampled-token log-probs only; full-vocabulary quantities need a trainer-side pass.",
+)
+
+
+class SampleParams(StageParams):
+    n: int = Field(8, ge=1, le=4096, description="Responses sampled per prompt (the group size).")
+    max_new_tokens: int = Field(32, ge=1, le=1_000_000, description="Length limit of a response, in tokens.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature; log-probs use the same one.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 disables it).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 disables it).")
+    engine: Literal["generate", "vllm"] = Field("generate", description="The rollout engine.")
+
+
+@stage(
+    "rollouts.sample",
+    kind="rollout",
+    inputs={"policy": "Model", "prompts": "Dataset"},
+    output="Rollouts",
+    params=SampleParams,
+    phase="rollout",
+    engine_param="engine",
+)
+def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, engine):
+    """Sample ``n`` responses for each prompt of the step; responses of one prompt form a group.
+
+    Records the sampled tokens, their behaviour log-probs (at ``temperature``, exactly as the
+    update phase computes them) and whatever else the graph needs.
+    """
+    raise StageUnavailable("rollouts.sample is declared; generation arrives with the runtime (`shapeflow run`)")

@@ -1,0 +1,30 @@
+"""Signals read off the rollout itself: lengths, entropies."""
+
+from __future__ import annotations
+
+from shapeflow.stdlib.registry import stage
+
+
+@stage("signals.length", kind="signal", inputs={"groups": "Rollouts"}, output="Signal[seq]")
+def length(groups):
+    """The number of tokens of each response, |y_i| = Σ_t m_{i,t}.
+
+    For length penalties, e.g. ``reward r = correct - 0.001 * signals.length(groups)``.
+    Example: masks [[1,1,0],[1,1,1]] give [2, 3].
+    """
+    return groups.mask.sum(-1)
+
+
+@stage(
+    "signals.entropy",
+    kind="signal",
+    inputs={"groups": "Rollouts"},
+    output="Signal[tok]",
+    needs=("entropy",),
+)
+def entropy(groups):
+    """The behaviour policy's token entropy, H_{i,t} = −Σ_v π_old(v | y_{i,<t}) log π_old(v | y_{i,<t}).
+
+    Zero on padding. Computed by the rollout engine from the full logits at sampling time.
+    """
+    return groups.need("entropy") * groups.mask
