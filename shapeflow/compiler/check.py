@@ -250,7 +250,8 @@ class Checker:
                 return None
             return self._binding(e.id)
         if e.id in self.reg:
-            self.diags.error(e.span, "E207", f"stage '{e.id}' is used as a value; call it", f"e.g. {e.id}(groups)")
+            self.diags.error(e.span, "E207", f"stage '{e.id}' is used as a value; call it",
+                             f"signature: {_signature(self.reg[e.id])}")
             return None
         hint = _suggest(e.id, list(self.r.params) + list(self.r.bindings))
         self.diags.error(e.span, "E200", f"unknown name '{e.id}'", hint or "define it with a binding or a param")
@@ -342,7 +343,7 @@ class Checker:
             if kw.name not in slots:
                 valid = ", ".join(st.param_names()) or "none"
                 sugg = _suggest(kw.name, slots)
-                hint = (sugg + "; " if sugg else "") + f"valid parameters: {valid}"
+                hint = (sugg + " " if sugg else "") + f"valid parameters: {valid}"
                 self.diags.error(kw.name_span, "E402", f"unknown parameter '{kw.name}' for stage '{e.func}'", hint)
                 self._expr(kw.value, owner)
                 ok = False
@@ -385,8 +386,9 @@ class Checker:
         if kind == "extra_forbidden":
             valid = ", ".join(model.model_fields)
             sugg = _suggest(key, list(model.model_fields))
-            self.diags.error(span, "E402", f"unknown parameter '{key}' for {owner}",
-                             (sugg + "; " if sugg else "") + f"valid parameters: {valid}")
+            noun = "key" if owner.endswith("block") else "parameter"
+            self.diags.error(span, "E402", f"unknown {noun} '{key}' for {owner}",
+                             (sugg + " " if sugg else "") + f"valid {noun}s: {valid}")
         elif kind == "missing":
             self.diags.error(span, "E403", f"{what} is required", info.description if info else None)
         elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and info is not None:
@@ -465,7 +467,9 @@ class Checker:
         for name, b in self.r.bindings.items():
             if b.span.file != top:
                 continue
-            if b.kind != "objective" and name not in self.used_names and name not in self.cyclic:
+            if self.binding_values.get(name) is None:
+                continue  # its own error says enough
+            if b.kind != "objective" and name not in self.used_names:
                 self.diags.warning(b.name_span, "W100", f"binding '{name}' is never used",
                                    "use it in the objective, or remove it")
         for name, p in self.r.params.items():
