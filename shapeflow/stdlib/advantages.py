@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from shapeflow._lazy import torch
-from shapeflow.stdlib.functional import group_mean_std
+from shapeflow.stdlib.functional import group_all_equal, group_mean_std
 from shapeflow.stdlib.registry import StageParams, stage
 
 
@@ -44,8 +44,8 @@ def grpo(rewards, groups, *, norm_by_std, eps, std, scope):
 
     μ_g is the mean of the rewards of response i's group g; σ is the group's std (scope =
     "group") or the std of all rewards of the batch (scope = "batch"), sample or population.
-    A group of one response uses μ = 0 and σ = 1, as verl does. A group whose rewards are all
-    equal gets A = 0 for every response. The advantage is per sequence; a loss broadcasts it
+    A group of one response uses μ = 0 and σ = 1, as verl does (in both scopes). A group of two
+    or more responses whose rewards are all equal gets exactly A = 0 for every response. The advantage is per sequence; a loss broadcasts it
     to every token of the response.
 
     Example (verl defaults): rewards [1, 0, 0, 1] in one group → [0.866, −0.866, −0.866, 0.866];
@@ -53,14 +53,20 @@ def grpo(rewards, groups, *, norm_by_std, eps, std, scope):
     """
     index, num_groups = groups.group_index, groups.num_groups
     rewards = rewards.to(torch.float32)  # (B,)
-    mean, sigma, count = group_mean_std(rewards, index, num_groups, unbiased=(std == "sample"))
-    singleton = count == 1  # (G,)
-    mean = torch.where(singleton, torch.zeros_like(mean), mean)
-    centred = rewards - mean[index]  # (B,)
+    unbiased = std == "sample"
+    mean, sigma, count = group_mean_std(rewards, index, num_groups, unbiased=unbiased)
+    singleton = (count == 1)[index]  # (B,)
+    # all-equal groups are found exactly (min == max): a rounded mean can leave r − μ a few ulps
+    # off zero, which σ + eps (σ ≈ 0) would blow up instead of giving A = 0
+    flat = group_all_equal(rewards, index, num_groups)[index]  # (B,)
+    zero = torch.zeros_like(rewards)
+    centred = torch.where(flat, zero, torch.where(singleton, rewards, rewards - mean[index]))  # (B,)
     if not norm_by_std:
         return centred
     if scope == "batch":
-        sigma_i = rewards.std(unbiased=(std == "sample")).expand_as(rewards)
+        batch_sigma = rewards.std(correction=int(unbiased)) if rewards.numel() > 1 else rewards.new_ones(())
+        sigma_i = batch_sigma.expand_as(rewards)
     else:
-        sigma_i = torch.where(singleton, torch.ones_like(sigma), sigma)[index]
-    return centred / (sigma_i + eps)
+        sigma_i = sigma[index]
+    sigma_i = torch.where(singleton, torch.ones_like(sigma_i), sigma_i)
+    return torch.where(flat, zero, centred / (sigma_i + eps))

@@ -33,11 +33,23 @@ def group_mean_std(x: "Tensor", index: "Tensor", num_groups: int, *, unbiased: b
     return mean, var.sqrt(), count
 
 
+def group_all_equal(x: "Tensor", index: "Tensor", num_groups: int) -> "Tensor":
+    """(G,) true where a group has at least two responses and all its values of ``x`` (B,) are
+    equal (compared exactly, with min == max, not through a rounded mean or std)."""
+    inf = torch.full((num_groups,), float("inf"), dtype=x.dtype, device=x.device)
+    lo = inf.scatter_reduce(0, index, x, "amin", include_self=True)
+    hi = (-inf).scatter_reduce(0, index, x, "amax", include_self=True)
+    return (lo == hi) & (torch.bincount(index, minlength=num_groups) > 1)
+
+
 def to_tokens(x: "Tensor", mask: "Tensor") -> "Tensor":
-    """A sequence-level (B,) or token-level (B, T) value as (B, T), zero on padding."""
+    """A sequence-level (B,) or token-level (B, T) value as (B, T), zero on padding.
+
+    Padding is zeroed with ``where``, not a product, so a NaN or inf there becomes 0 and its
+    gradient is 0 rather than NaN."""
     if x.dim() == 1:
-        x = x[:, None]
-    return x * mask
+        x = x[:, None].expand_as(mask)
+    return torch.where(mask > 0, x, torch.zeros_like(x))
 
 
 def aggregate(loss: "Tensor", mask: "Tensor", mode: str, loss_scale_factor: float | None = None) -> "Tensor":

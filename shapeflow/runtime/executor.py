@@ -1,0 +1,94 @@
+"""Execute planned nodes: stages through the registry, operators by one generic rule.
+
+No stage names appear here. A stage is called as ``fn(*inputs, **params)`` exactly as its
+declaration promises; an operator combines its operands with broadcasting of sequence-level
+values over tokens. Values follow the type shapes: Signal/Advantage[seq] are (B,),
+[tok] are (B, T) and zero on padding, Loss is a scalar tensor.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+from shapeflow._lazy import torch
+from shapeflow.compiler.check import Node, Program
+from shapeflow.stdlib.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class StageError(RuntimeError):
+    """A stage failed while running; the message names the stage and its spec line."""
+
+    def __init__(self, node: Node, exc: BaseException):
+        where = f"{node.span.file}:{node.span.line}:{node.span.column}"
+        what = f"'{node.stage}'" + (f" (binding '{node.binding}')" if node.binding else "")
+        super().__init__(f"{where}: {what} failed: {exc}")
+        self.node, self.cause = node, exc
+
+
+def _broadcast(a: "Tensor", b: "Tensor") -> tuple["Tensor", "Tensor"]:
+    """A (B,) operand meets a (B, T) one: the sequence value applies to every token."""
+    if a.dim() == 1 and b.dim() == 2:
+        return a[:, None], b
+    if a.dim() == 2 and b.dim() == 1:
+        return a, b[:, None]
+    return a, b
+
+
+_BINARY = {
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": lambda a, b: a / b,
+}
+
+
+def apply_op(node: Node, args: list[Any], mask: "Tensor | None") -> Any:
+    if node.op == "alias":
+        return args[0]
+    if node.op == "neg":
+        return -args[0]
+    operands = dict(zip((side for side, _ in node.inputs), args))
+    operands.update(node.params)  # constant operands by side
+    left, right = operands["left"], operands["right"]
+    if torch.is_tensor(left) and torch.is_tensor(right):
+        left, right = _broadcast(left, right)
+    out = _BINARY[node.op](left, right)
+    if node.type.level == "tok" and mask is not None and torch.is_tensor(out) and out.dim() == 2:
+        out = out * mask  # a constant shift must not reach the padding
+    return out
+
+
+def run_nodes(
+    program: Program,
+    order: Iterable[str],
+    values: dict[str, Any],
+    registry: Registry,
+    mask: "Tensor | None" = None,
+) -> dict[str, Any]:
+    """Compute ``order``'s nodes into ``values`` (which holds their inputs already)."""
+    for node_id in order:
+        node = program.nodes[node_id]
+        args = [values[src] for _, src in node.inputs]
+        if node.op == "stage":
+            fn = registry[node.stage].fn
+            try:
+                values[node_id] = fn(*args, **node.params)
+            except Exception as exc:  # reported with the spec line; the caller decides to stop
+                raise StageError(node, exc) from exc
+        else:
+            values[node_id] = apply_op(node, args, mask)
+    return values
+
+
+def downstream_of(program: Program, sources: Iterable[str], order: Iterable[str]) -> list[str]:
+    """The nodes of ``order`` that depend (transitively) on any of ``sources``, in order."""
+    reached = set(sources)
+    out = []
+    for node_id in order:
+        if any(src in reached for _, src in program.nodes[node_id].inputs):
+            reached.add(node_id)
+            out.append(node_id)
+    return out

@@ -1,0 +1,252 @@
+"""`shapeflow replay`: evaluate a spec's verify → reward → advantage nodes on recorded rollouts.
+
+Input: JSON Lines, one response per line (DESIGN.md §4); lines with the same ``prompt_id``
+form a group. Output: one JSON line per input line, in the same order::
+
+    {"prompt_id": ..., "advantages": [per-token floats], "signals": {binding: value or list}}
+
+The rollout node of the spec is replaced by the recorded batch; the rollout-phase nodes
+downstream of it run exactly as in training. Nothing here needs a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import IO, Any
+
+from shapeflow._lazy import torch
+from shapeflow.compiler.check import Program
+from shapeflow.runtime.batch import MissingNeed, RolloutBatch, group_index_of
+from shapeflow.runtime.executor import StageError, downstream_of, run_nodes
+from shapeflow.stdlib.needs import NEEDS
+from shapeflow.stdlib.registry import Registry, default_registry
+
+PER_TOKEN = ("logprobs", "ref_logprobs", "entropy", "response_ids")
+TEXT = ("prompt", "answer", "response")
+
+
+class ReplayError(Exception):
+    """Bad input or a failing stage: the message names the line or the spec location."""
+
+
+def _fail(lineno: int, message: str) -> ReplayError:
+    return ReplayError(f"line {lineno}: {message}")
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Parse and validate the JSONL file; every error names its line."""
+    try:
+        handle = path.open("r", encoding="utf-8")
+    except OSError as exc:
+        raise ReplayError(f"cannot read {path}: {exc.strerror or exc}") from None
+    records = []
+    with handle:
+        try:
+            for lineno, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise _fail(lineno, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(rec, dict):
+                    raise _fail(lineno, "each line must be a JSON object")
+                _validate(rec, lineno)
+                rec["_line"] = lineno
+                records.append(rec)
+        except UnicodeDecodeError as exc:
+            raise ReplayError(f"{path} is not valid UTF-8 ({exc.reason})") from None
+    if not records:
+        raise ReplayError(f"{path} holds no rollouts")
+    return records
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _validate(rec: dict[str, Any], lineno: int) -> None:
+    if "prompt_id" not in rec:
+        raise _fail(lineno, "missing 'prompt_id'")
+    if not isinstance(rec["prompt_id"], (str, int)) or isinstance(rec["prompt_id"], bool):
+        raise _fail(lineno, "'prompt_id' must be a string or an integer")
+    for key in TEXT:
+        if key in rec and not isinstance(rec[key], str):
+            raise _fail(lineno, f"'{key}' must be a string")
+    lengths = {}
+    for key in PER_TOKEN:
+        if key in rec:
+            value = rec[key]
+            if not isinstance(value, list) or not all(_is_number(v) for v in value):
+                raise _fail(lineno, f"'{key}' must be a list of numbers")
+            lengths[key] = len(value)
+    extra = rec.get("extra", {})
+    if not isinstance(extra, dict):
+        raise _fail(lineno, "'extra' must be an object")
+    for key, value in extra.items():
+        need = NEEDS.get(key)
+        if need is not None and need.level == "tok":
+            if not isinstance(value, list) or not all(_is_number(v) for v in value):
+                raise _fail(lineno, f"'extra.{key}' must be a list of numbers (one per token)")
+            lengths[f"extra.{key}"] = len(value)
+    if "length" in rec:
+        if not isinstance(rec["length"], int) or isinstance(rec["length"], bool) or rec["length"] < 0:
+            raise _fail(lineno, "'length' must be a non-negative integer")
+        lengths["length"] = rec["length"]
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{k} has {n}" for k, n in lengths.items())
+        raise _fail(lineno, f"per-token lists of unequal length: {detail}")
+    if "truncated" in rec and not isinstance(rec["truncated"], bool):
+        raise _fail(lineno, "'truncated' must be true or false")
+    scores = rec.get("scores", {})
+    if not isinstance(scores, dict) or not all(_is_number(v) for v in scores.values()):
+        raise _fail(lineno, "'scores' must be an object of numbers")
+    for key, value in list(scores.items()) + [(k, v) for k in PER_TOKEN if k in rec for v in rec[k]]:
+        if _is_number(value) and not math.isfinite(value):
+            raise _fail(lineno, f"'{key}' holds a non-finite number")
+    rec["_tokens"] = next(iter(lengths.values()), None)
+
+
+def _token_count(rec: dict[str, Any]) -> int:
+    if rec["_tokens"] is None:
+        raise _fail(rec["_line"], "no token count: give 'length', 'response_ids' or a per-token list such as 'logprobs'")
+    return rec["_tokens"]
+
+
+def _padded(rows: list[list[float]], width: int, dtype) -> "torch.Tensor":
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
+def build_batch(records: list[dict[str, Any]], needs: set[str]) -> RolloutBatch:
+    """Recorded lines → a RolloutBatch, checking that every need is present on every line."""
+    for need in sorted(needs):
+        field = NEEDS[need].field
+        for rec in records:
+            present = rec.get("extra", {}).get(field[6:]) if field.startswith("extra.") else rec.get(field)
+            if present is None:
+                raise _fail(rec["_line"], f"the spec needs '{field}' ({NEEDS[need].doc}), which this line lacks")
+    lengths = [_token_count(r) for r in records]
+    width = max(lengths, default=0)
+    mask = torch.zeros(len(records), width)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1.0
+    prompt_ids = [r["prompt_id"] for r in records]
+
+    def per_token(key: str, dtype=torch.float32):
+        if not all(key in r for r in records):
+            return None
+        return _padded([r[key] for r in records], width, dtype)
+
+    score_keys = sorted(set().union(*(r.get("scores", {}).keys() for r in records)))
+    for key in score_keys:
+        lacking = next((r["_line"] for r in records if key not in r.get("scores", {})), None)
+        if lacking is not None and "scores" in needs:
+            raise _fail(lacking, f"no score '{key}', which other lines record")
+    scores = {
+        k: torch.tensor([float(r["scores"][k]) for r in records])
+        for k in score_keys
+        if all(k in r.get("scores", {}) for r in records)
+    }
+    extra: dict[str, Any] = {}
+    for key in set().union(*(r.get("extra", {}).keys() for r in records)):
+        values = [r.get("extra", {}).get(key) for r in records]
+        need = NEEDS.get(key)
+        if need is not None and need.level == "tok" and all(v is not None for v in values):
+            extra[key] = _padded(values, width, torch.float32)
+        else:
+            extra[key] = values
+    texts = {k: [r[k] for r in records] if all(k in r for r in records) else None for k in TEXT}
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        group_index=group_index_of(prompt_ids),
+        mask=mask,
+        prompts=texts["prompt"],
+        answers=texts["answer"],
+        responses=texts["response"],
+        response_ids=per_token("response_ids", torch.long),
+        logprobs=per_token("logprobs"),
+        ref_logprobs=per_token("ref_logprobs"),
+        entropy=per_token("entropy"),
+        truncated=torch.tensor([bool(r.get("truncated", False)) for r in records]),
+        scores=scores,
+        extra=extra,
+    )
+
+
+def _choose_advantage(program: Program, nodes: list[str], wanted: str | None) -> str:
+    if wanted is not None:
+        if wanted not in program.bindings or program.nodes[program.bindings[wanted]].type.base != "Advantage":
+            names = [b for b, n in program.bindings.items() if program.nodes[n].type.base == "Advantage"]
+            raise ReplayError(f"--advantage {wanted}: not an advantage binding (advantage bindings: "
+                              f"{', '.join(names) or 'none'})")
+        return program.bindings[wanted]
+    in_rollout = set(nodes)
+    feeding = []
+    for node in program.nodes.values():
+        if node.phase == "update":
+            for _, src in node.inputs:
+                if src in in_rollout and program.nodes[src].type.base == "Advantage" and src not in feeding:
+                    feeding.append(src)
+    if len(feeding) != 1:
+        names = ", ".join(program.nodes[n].binding or n for n in feeding) or "none"
+        raise ReplayError(f"cannot tell which advantage to report (advantages feeding the objective: {names}); "
+                          "choose one with --advantage BINDING")
+    return feeding[0]
+
+
+def _row(value: "torch.Tensor", i: int, n_tokens: int) -> float | list[float]:
+    if value.dim() == 0:
+        return float(value)
+    if value.dim() == 1:
+        return float(value[i])
+    return [float(v) for v in value[i, :n_tokens]]
+
+
+def replay(
+    program: Program,
+    rollouts: Path,
+    out: IO[str],
+    *,
+    advantage: str | None = None,
+    registry: Registry | None = None,
+) -> None:
+    registry = registry or default_registry()
+    records = read_records(rollouts)
+    from shapeflow.compiler.pipeline import build_plan
+
+    _, plan = build_plan(program)
+    rollout_nodes = [n for n in plan.phases["rollout"] if program.nodes[n].type.base == "Rollouts"]
+    nodes = downstream_of(program, rollout_nodes, plan.phases["rollout"])
+    needs = set().union(*(program.nodes[n].needs for n in nodes)) if nodes else set()
+    adv_node = _choose_advantage(program, nodes, advantage)
+    batch = build_batch(records, needs)
+    values: dict[str, Any] = {n: batch for n in rollout_nodes}
+    try:
+        run_nodes(program, nodes, values, registry, batch.mask)
+    except StageError as exc:
+        cause = exc.cause
+        detail = str(cause) if isinstance(cause, MissingNeed) else f"{type(cause).__name__}: {cause}"
+        raise ReplayError(f"{exc.node.span.file}:{exc.node.span.line}: '{exc.node.stage}' failed on the "
+                          f"recorded rollouts: {detail}") from None
+    shown = [
+        (name, node_id)
+        for name, node_id in program.bindings.items()
+        if node_id in values and program.nodes[node_id].type.base in ("Signal", "Advantage")
+    ]
+    lengths = batch.mask.sum(-1).long().tolist()
+    adv = values[adv_node]
+    for i, rec in enumerate(records):
+        n = lengths[i]
+        a = _row(adv, i, n)
+        line = {
+            "prompt_id": rec["prompt_id"],
+            "advantages": [a] * n if isinstance(a, float) else a,
+            "signals": {name: _row(values[node_id], i, n) for name, node_id in shown},
+        }
+        out.write(json.dumps(line) + "\n")
