@@ -533,14 +533,7 @@ def _input_hint(declared: T.Type, actual: T.Type) -> str | None:
     return None
 
 
-def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "none"
-    return repr(value)
+_show = ast.show_value
 
 
 def _article(words: str) -> str:

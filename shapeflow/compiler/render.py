@@ -7,12 +7,13 @@ import json
 import networkx as nx
 
 from shapeflow.compiler.plan import Plan
+from shapeflow.dsl.ast import show_value
 
 _PHASE_COLOURS = {"setup": "#e8e8e8", "rollout": "#dbeafe", "update": "#fde2cf"}
 
 
 def _params_text(params: dict, limit: int = 4) -> str:
-    items = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in params.items()]
+    items = [f"{k}={show_value(v)}" for k, v in params.items()]
     if len(items) > limit:
         items = items[:limit] + ["…"]
     return ", ".join(items)
@@ -20,12 +21,14 @@ def _params_text(params: dict, limit: int = 4) -> str:
 
 def _title(graph: nx.DiGraph, n: str) -> list[str]:
     d = graph.nodes[n]
-    head = f"{d['binding']} = {d['label']}" if d["binding"] else d["label"]
+    label = d["label"]
+    if d["op"] != "stage" and d["params"]:  # an operator with a constant operand: "0.1 ×", "× 2"
+        consts = d["params"]
+        label = f"{show_value(consts['left'])} {label}" if "left" in consts else f"{label} {show_value(consts['right'])}"
+    head = f"{d['binding']} = {label}" if d["binding"] else label
     lines = [head, d["type"]]
     if d["op"] == "stage" and d["params"]:
         lines.append(_params_text(d["params"]))
-    elif d["op"] != "stage" and d["params"]:
-        lines.append(", ".join(f"{k}: {v}" for k, v in d["params"].items()))
     return lines
 
 

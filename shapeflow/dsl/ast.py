@@ -209,3 +209,16 @@ def to_data(node) -> object:
             out[name] = to_data(value)
         return out
     return node
+
+
+def show_value(value: object) -> str:
+    """A constant written as it would be in a spec: none, true, "text", [1, 2]."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show_value(v) for v in value) + "]"
+    return repr(value)

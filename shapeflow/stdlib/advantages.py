@@ -45,8 +45,8 @@ def grpo(rewards, groups, *, norm_by_std, eps, std, scope):
     μ_g is the mean of the rewards of response i's group g; σ is the group's std (scope =
     "group") or the std of all rewards of the batch (scope = "batch"), sample or population.
     A group of one response uses μ = 0 and σ = 1, as verl does (in both scopes). A group of two
-    or more responses whose rewards are all equal gets exactly A = 0 for every response. The advantage is per sequence; a loss broadcasts it
-    to every token of the response.
+    or more responses whose rewards are all equal gets exactly A = 0 for every response. The
+    advantage is per sequence; a loss broadcasts it to every token of the response.
 
     Example (verl defaults): rewards [1, 0, 0, 1] in one group → [0.866, −0.866, −0.866, 0.866];
     [0.2, 0.9, 0, 0.5] → [−0.511, 1.277, −1.022, 0.255].

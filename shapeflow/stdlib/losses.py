@@ -65,7 +65,9 @@ def ppo_clip(advantages, groups, *, eps_low, eps_high, clip_c, agg, loss_scale_f
     """
     mask = groups.mask  # (B, T)
     adv = to_tokens(advantages, mask)  # (B, T)
-    log_ratio = (groups.need("policy_logprobs") - groups.need("logprobs")).clamp(-20.0, 20.0)
+    # the log-ratio is zeroed on padding first, so a NaN/inf log-prob there gives neither a NaN
+    # loss nor a NaN gradient (aggregate's `where` alone keeps the value but not the gradient)
+    log_ratio = to_tokens(groups.need("policy_logprobs") - groups.need("logprobs"), mask).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
@@ -116,5 +118,6 @@ def kl(groups, *, estimator, agg, loss_scale_factor):
     Example: Δ = 0.5 gives k1 0.5, k2 0.125, abs 0.5, k3 exp(−0.5) − 0.5 = 0.10653.
     """
     mask = groups.mask
-    k = kl_estimate(groups.need("policy_logprobs"), groups.need("ref_logprobs"), estimator)
+    logp = to_tokens(groups.need("policy_logprobs"), mask)  # padding zeroed: no NaN value or gradient
+    k = kl_estimate(logp, to_tokens(groups.need("ref_logprobs"), mask), estimator)
     return aggregate(k, mask, agg, loss_scale_factor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shapeflow._lazy import torch
 from shapeflow.stdlib.registry import stage
 
 
@@ -27,4 +28,5 @@ def entropy(groups):
 
     Zero on padding. Computed by the rollout engine from the full logits at sampling time.
     """
-    return groups.need("entropy") * groups.mask
+    entropy = groups.need("entropy")
+    return torch.where(groups.mask > 0, entropy, torch.zeros_like(entropy))

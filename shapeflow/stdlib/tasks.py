@@ -53,9 +53,31 @@ class ArithmeticParams(StageParams):
 
     @model_validator(mode="after")
     def _operand_space_fits(self):
-        if self.digits + (self.second_digits or self.digits) > 16:
+        second = self.second_digits or self.digits
+        if self.digits + second > 16:
             raise ValueError("digits + second_digits must be at most 16")
+        total = len(_operands(self.digits)) * len(_operands(second))
+        if total > _ENUMERATE_MAX:  # sampled by rejection: the split must hold far more than `size`
+            share = self.test_fraction if self.split == "test" else 1 - self.test_fraction
+            limit = self.size if self.size is not None else _DEFAULT_SIZE
+            available = int(total * share)
+            if limit > available // 2:
+                raise ValueError(
+                    f"size {limit} is too many to sample from the {self.split} split of "
+                    f"about {available} problems; ask for at most {available // 2}"
+                )
+            if limit > _MAX_DRAWS * share:
+                raise ValueError(
+                    f"size {limit} would take about {int(limit / share)} draws to sample: the "
+                    f"{self.split} split holds a share of only {share:g}; ask for at most "
+                    f"{int(_MAX_DRAWS * share)} or raise test_fraction"
+                )
         return self
+
+
+_ENUMERATE_MAX = 2_000_000  # operand spaces up to this size are enumerated; larger ones sampled
+_DEFAULT_SIZE = 100_000
+_MAX_DRAWS = 50_000_000  # bound on the rejection-sampling draws a valid `size` can need (≈ size / share)
 
 
 def _in_test_split(a: int, b: int, seed: int, test_fraction: float) -> bool:
@@ -83,8 +105,8 @@ def arithmetic(*, digits, second_digits, split, test_fraction, size, seed):
     space_a, space_b = _operands(digits), _operands(second)
     total = len(space_a) * len(space_b)
     rng = random.Random(seed)
-    limit = size if size is not None else 100_000
-    if total <= 2_000_000:
+    limit = size if size is not None else _DEFAULT_SIZE
+    if total <= _ENUMERATE_MAX:
         pairs = [(a, b) for a in space_a for b in space_b if _in_test_split(a, b, seed, test_fraction) == wanted]
         rng.shuffle(pairs)
         pairs = pairs[:limit]
