@@ -73,7 +73,10 @@ def cmd_check(args) -> int:
     files, roots = _spec_files(args.paths)
     if args.emit and len(files) != 1:
         raise UsageError("--emit takes exactly one spec file")
-    all_diags: list[Diagnostic] = []
+    from shapeflow.compiler.pipeline import plugin_diagnostics
+    from shapeflow.stdlib.registry import default_registry
+
+    all_diags: list[Diagnostic] = plugin_diagnostics(default_registry())
     sources: dict[str, str] = {}
     results = []
     for f in files:

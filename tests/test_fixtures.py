@@ -70,12 +70,8 @@ GOOD_SPECS = sorted(GOOD.glob("*.shape"))
 COVERED_ELSEWHERE = {
     "E107": "test_spec_too_large (a 4 MiB spec is generated, not committed)",
 }
-# Codes with no golden yet, and why. E204 ("name is both a param and a binding") is always
-# reported together with E202/E203 for the same name (compiler/resolve.py, _merge), and the
-# dropped definition then cascades into type errors, so its output is not golden material.
-NOT_COVERED = {
-    "E204": "always duplicated by E202/E203 for the same mistake",
-}
+# Codes with no golden yet, and why.
+NOT_COVERED: dict[str, str] = {}
 
 
 # --- running a fixture ---------------------------------------------------------------------
@@ -192,13 +188,11 @@ def test_every_code_has_a_golden():
 
 def test_spec_too_large(tmp_path, monkeypatch, capsys):
     limit = 4 * 1024 * 1024
-    head = "# a generated spec, one character over the limit\n"
+    head = "# a generated spec, one byte over the limit\n"
     (tmp_path / "big.shape").write_text(head + "#" * (limit + 1 - len(head)), encoding="utf-8")
     rc, out = run_check(tmp_path / "big.shape", monkeypatch, capsys)
     assert (rc, out) == (1, (
-        "big.shape:1:1: error[E107]: spec is 4,194,305 characters; the limit is 4,194,304\n"
-        "   1 | # a generated spec, one character over the limit\n"
-        "     | ^\n"
+        "big.shape:1:1: error[E107]: spec is 4,194,305 bytes; the limit is 4,194,304\n"
         "1 error\n"
     ))
 

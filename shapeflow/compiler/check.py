@@ -10,6 +10,7 @@ mechanically (``lower.py``).
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,9 +110,10 @@ class Checker:
         self.param_values: dict[str, _Const | None] = {}
         self.binding_values: dict[str, _Value] = {}
         self.in_progress: list[str] = []
-        self.used_names: set[str] = set()
+        self.used_names: set[str] = set(resolved.mentioned)
         self.counter: dict[str, int] = {}
         self.cyclic: set[str] = set()
+        self.suggested: set[str] = set()
 
     # --- entry point
     def run(self) -> Program:
@@ -175,7 +177,7 @@ class Checker:
                     b.kind_span.to(b.name_span), "E301",
                     f"'{name}' is declared {b.kind}, which must be {' or '.join(allowed)}, but its value is "
                     f"{T.describe(value.type)}",
-                    self._kind_hint(value.type),
+                    self._kind_hint(b.kind, value.type),
                 )
                 value = None
             else:
@@ -191,10 +193,14 @@ class Checker:
         return value
 
     @staticmethod
-    def _kind_hint(t: T.Type) -> str | None:
-        for kind, bases in T.KIND_TYPES.items():
+    def _kind_hint(kind: str, t: T.Type) -> str | None:
+        if kind == "objective" and t.base in ("Advantage", "Signal"):
+            return "an objective is a Loss: wrap it in a loss stage, e.g. losses.ppo_clip(adv, groups)"
+        if kind == "advantage" and t.base == "Signal":
+            return "turn the signal into an advantage with an estimator, e.g. grpo(r, groups)"
+        for other, bases in T.KIND_TYPES.items():
             if t.base in bases:
-                return f"declare it as '{kind}' instead" if kind not in ("verify",) else "declare it as 'reward' or 'verify'"
+                return f"declare it as '{other}' instead" if other != "verify" else "declare it as 'reward' or 'verify'"
         return None
 
     def _cycle(self, name: str) -> None:
@@ -205,10 +211,12 @@ class Checker:
         self.cyclic.update(members)
         stmt = self.r.bindings.get(name) or self.r.params.get(name)
         self.diags.error(stmt.name_span, "E503", f"cycle: {' → '.join(members)}",
-                         "a binding cannot depend on itself, directly or through others")
+                         "a binding or param cannot depend on itself, directly or through others")
 
     # --- expressions
     def _expr(self, e: ast.Expr, owner: str | None, root: bool = False) -> _Value:
+        if isinstance(e, ast.Invalid):
+            return None  # reported by the parser
         if isinstance(e, (ast.Number, ast.String, ast.Bool, ast.NoneLit)):
             return _Const(e.value, _const_type(e.value))
         if isinstance(e, ast.ListLit):
@@ -242,6 +250,8 @@ class Checker:
 
     def _name(self, e: ast.Name, owner: str | None) -> _Value:
         self.used_names.add(e.id)
+        if e.id in self.r.poisoned:
+            return None  # its definition is already reported
         if e.id in self.r.params:
             return self._param(e.id)
         if e.id in self.r.bindings:
@@ -253,8 +263,10 @@ class Checker:
             self.diags.error(e.span, "E207", f"stage '{e.id}' is used as a value; call it",
                              f"signature: {_signature(self.reg[e.id])}")
             return None
-        hint = _suggest(e.id, list(self.r.params) + list(self.r.bindings))
-        self.diags.error(e.span, "E200", f"unknown name '{e.id}'", hint or "define it with a binding or a param")
+        close = difflib.get_close_matches(e.id, list(self.r.params) + list(self.r.bindings), n=1, cutoff=0.6)
+        self.suggested.update(close)  # the user meant it: do not also call it unused
+        hint = f"did you mean '{close[0]}'?" if close else "define it with a binding or a param"
+        self.diags.error(e.span, "E200", f"unknown name '{e.id}'", hint)
         return None
 
     def _binop(self, e: ast.BinOp, owner: str | None, root: bool) -> _Value:
@@ -271,7 +283,14 @@ class Checker:
                 self.diags.error(e.right.span, "E300", "division by zero")
                 return None
             a, b = left.value, right.value
-            return _Const({"+": a + b, "-": a - b, "*": a * b, "/": a / b if e.op == "/" else None}[e.op], t)
+            try:
+                value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if e.op == "/" else None}[e.op]
+            except OverflowError:
+                value = float("inf")
+            if isinstance(value, float) and not math.isfinite(value):
+                self.diags.error(e.span, "E104", "constant expression overflows a float")
+                return None
+            return _Const(value, t)
         inputs, consts = [], {}
         for side, v in (("left", left), ("right", right)):
             if isinstance(v, _Ref):
@@ -299,6 +318,7 @@ class Checker:
         ok = True
         inputs: dict[str, _Ref] = {}
         params: dict[str, tuple[Any, Span]] = {}
+        notes: dict[str, str] = {}
         slots = list(st.input_names()) + list(st.param_names())
 
         def assign(slot: str, expr: ast.Expr, span: Span) -> None:
@@ -331,6 +351,8 @@ class Checker:
                     ok = False
                 else:
                     params[slot] = (v.value, expr.span)
+                    if isinstance(expr, ast.Name) and expr.id in self.r.params:
+                        notes[slot] = self._param_origin(expr.id)
 
         for i, arg in enumerate(e.args):
             if i >= len(slots):
@@ -355,7 +377,7 @@ class Checker:
                                  f"signature: {_signature(st)}")
                 ok = False
         validated = self._validate_params(st.params, params, e.func_span, f"stage '{e.func}'",
-                                          f"parameter '{{}}' of '{e.func}'")
+                                          f"parameter '{{}}' of '{e.func}'", notes)
         if not ok or validated is None:
             return None
         out_type = st.output
@@ -366,7 +388,14 @@ class Checker:
         node_id = self._new_node(owner, "stage", st.name, validated, node_inputs, out_type, e.span, root, st)
         return _Ref(node_id, out_type)
 
-    def _validate_params(self, model, given: dict[str, tuple[Any, Span]], where: Span, owner: str, label: str):
+    def _param_origin(self, name: str) -> str:
+        p = self.r.params[name]
+        if name in self.r.set_params:
+            return f" (from param '{name}', set on the command line: --set {name}=...)"
+        return f" (from param '{name}', {p.span.file}:{p.span.line})"
+
+    def _validate_params(self, model, given: dict[str, tuple[Any, Span]], where: Span, owner: str, label: str,
+                         notes: dict[str, str] | None = None):
         """Validate with the pydantic model; each error points at the offending value."""
         values = {k: v for k, (v, _) in given.items()}
         try:
@@ -376,7 +405,12 @@ class Checker:
                 loc = err["loc"]
                 key = str(loc[0]) if loc else ""
                 span = given[key][1] if key in given else where
+                before = len(self.diags.items)
                 self._param_error(model, key, err, span, owner, label.format(key) if key else owner)
+                note = (notes or {}).get(key)
+                if note and len(self.diags.items) > before:
+                    d = self.diags.items[-1]
+                    self.diags.items[-1] = type(d)(d.span, d.severity, d.code, d.message + note, d.hint)
             return None
 
     def _param_error(self, model, key: str, err: dict, span: Span, owner: str, what: str) -> None:
@@ -402,7 +436,15 @@ class Checker:
             sugg = _suggest(got, options) if isinstance(got, str) else None
             self.diags.error(span, "E401", f"{what} must be one of {err['ctx']['expected']}, got {_show(got)}",
                              sugg or (info.description if info else None))
-        else:  # validators (regex, cross-field rules), lengths
+        elif kind in ("too_long", "too_short"):
+            ctx = err.get("ctx", {})
+            limit = ctx.get("max_length") if kind == "too_long" else ctx.get("min_length")
+            n = ctx.get("actual_length", len(got) if hasattr(got, "__len__") else "?")
+            unit = "items" if isinstance(got, list) else "characters"
+            bound = "at most" if kind == "too_long" else "at least"
+            self.diags.error(span, "E401", f"{what} must have {bound} {limit} {unit}, got {n}",
+                             info.description if info else None)
+        else:  # validators (regex, cross-field rules)
             msg = err["msg"].removeprefix("Value error, ")
             self.diags.error(span, "E401", f"{what}: {msg}" if key else f"{owner}: {msg}", None)
 
@@ -417,10 +459,12 @@ class Checker:
         in_phases = [self.nodes[src].phase for _, src in inputs]
         if st is not None:
             phase = st.phase
-            later = [p for p in in_phases if _PHASE_ORDER[p] > _PHASE_ORDER[phase]]
+            later = [(arg, self.nodes[src]) for arg, src in inputs if _PHASE_ORDER[self.nodes[src].phase] > _PHASE_ORDER[phase]]
             if later:
-                self.diags.error(span, "E505", f"'{st.name}' runs in the {phase} phase but one of its inputs is "
-                                 f"computed in the {later[0]} phase", "move the dependent stage to a later phase")
+                arg, src = later[0]
+                self.diags.error(span, "E505", f"'{st.name}' runs in the {phase} phase, but its input '{arg}' "
+                                 f"('{src.binding or src.label}') is computed in the {src.phase} phase",
+                                 f"a {phase}-phase stage can only use values computed before the {src.phase} phase")
         else:
             phase = max(in_phases, key=_PHASE_ORDER.get, default="rollout")
         self.nodes[node_id] = Node(
@@ -434,10 +478,10 @@ class Checker:
         objectives = [b for b in self.r.bindings.values() if b.kind == "objective"]
         rollouts = [b for b in self.r.bindings.values() if b.kind == "rollout"]
         if not rollouts:
-            self.diags.error(Span.point(self.r.file), "E500", "spec has no rollout binding",
+            self.diags.error(Span.whole_file(self.r.file), "E500", "spec has no rollout binding",
                              "add e.g. 'rollout groups = rollouts.sample(policy, prompts, n = 8)'")
         if not objectives:
-            self.diags.error(Span.point(self.r.file), "E501", "spec has no objective binding",
+            self.diags.error(Span.whole_file(self.r.file), "E501", "spec has no objective binding",
                              "add e.g. 'objective loss = losses.ppo_clip(adv, groups)'")
         for extra in objectives[1:]:
             self.diags.error(extra.kind_span.to(extra.name_span), "E502",
@@ -455,7 +499,7 @@ class Checker:
                     ok = False
                     continue
                 given[key] = (v.value, entry.value.span if key in model.model_fields else entry.key_span)
-            validated = self._validate_params(model, given, Span.point(self.r.file), f"the {block} block",
+            validated = self._validate_params(model, given, Span.whole_file(self.r.file), f"the {block} block",
                                               f"{block}.{{}}")
             if validated is not None and ok:
                 out[block] = model.model_validate(validated)
@@ -469,11 +513,11 @@ class Checker:
                 continue
             if self.binding_values.get(name) is None:
                 continue  # its own error says enough
-            if b.kind != "objective" and name not in self.used_names:
+            if b.kind != "objective" and name not in self.used_names | self.suggested:
                 self.diags.warning(b.name_span, "W100", f"binding '{name}' is never used",
                                    "use it in the objective, or remove it")
         for name, p in self.r.params.items():
-            if name not in self.used_names and p.span.file == top:
+            if name not in self.used_names | self.suggested and p.span.file == top:
                 self.diags.warning(p.name_span, "W101", f"param '{name}' is never used")
 
     def _check_needs(self, prog: Program) -> None:

@@ -40,12 +40,15 @@ def compile_spec(
     diags = Diagnostics()
     resolved = resolve(Path(path), diags, search=list(search), roots=list(roots), sets=list(sets))
     program = None
-    if resolved is not None and (resolved.bindings or resolved.params or not diags.has_errors):
+    if resolved is not None and not resolved.incomplete and (resolved.bindings or resolved.params or not diags.has_errors):
         program = check(resolved, registry, diags)
-    for message in registry.plugin_errors:
-        diags.warning(Span.point(str(path)), "W200", message)
     sources = resolved.sources if resolved else {}
-    return Compiled(Path(path), resolved, program if not diags.has_errors else program, diags.sorted(), sources)
+    return Compiled(Path(path), resolved, program, diags.sorted(), sources)
+
+
+def plugin_diagnostics(registry: Registry) -> list[Diagnostic]:
+    """Plug-ins that failed to load, as warnings (reported once per command, not per spec)."""
+    return [Diagnostic(Span.whole_file("<plug-ins>"), "warning", "W200", m) for m in registry.plugin_errors]
 
 
 def build_plan(program: Program):

@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,6 +35,9 @@ class Resolved:
     chain: list[str] = field(default_factory=list)  # the top spec, then its ancestors
     sources: dict[str, str] = field(default_factory=dict)  # display path -> text, for rendering
     set_params: frozenset[str] = frozenset()  # params overridden from the command line
+    poisoned: set[str] = field(default_factory=set)  # names whose definition was already reported
+    mentioned: set[str] = field(default_factory=set)  # names used by definitions dropped as duplicates
+    incomplete: bool = False  # an `extends` failed: whole-program rules would only echo that
 
 
 def display_path(path: Path) -> str:
@@ -107,6 +111,7 @@ def resolve(
 
     # Walk up the chain: child first.
     chain: list[tuple[Path, ast.Spec]] = [(path, top)]
+    incomplete = False
     while True:
         current_path, current = chain[-1]
         entry = _header_entries(current, diags).get("extends")
@@ -114,19 +119,22 @@ def resolve(
             break
         parent_path = loader.find_parent(entry, current_path)
         if parent_path is None:
+            incomplete = True
             break
         if parent_path in [p for p, _ in chain]:
             cycle = " → ".join(display_path(p) for p, _ in chain) + f" → {display_path(parent_path)}"
             diags.error(entry.value.span, "E601", f"extends cycle: {cycle}", "remove one of the extends")
+            incomplete = True
             break
         parent = loader.load(parent_path)
         if parent is None:
-            diags.error(entry.value.span, "E600", f"cannot use '{entry.value.value}': it has syntax errors")
+            diags.error(entry.value.span, "E600", f"cannot use '{entry.value.value}': it has errors")
+            incomplete = True
             break
         chain.append((parent_path, parent))
 
     name = top.header.name if top.header else path.stem
-    out = Resolved(display_path(path), name, chain=[display_path(p) for p, _ in chain])
+    out = Resolved(display_path(path), name, chain=[display_path(p) for p, _ in chain], incomplete=incomplete)
     for _, spec in reversed(chain):  # root ancestor first, so children override
         _merge(out, spec, diags)
     _apply_sets(out, sets, diags)
@@ -152,9 +160,13 @@ def _header_entries(spec: ast.Spec, diags: Diagnostics) -> dict[str, ast.HeaderE
 
 def _merge(out: Resolved, spec: ast.Spec, diags: Diagnostics) -> None:
     for key, entry in _header_entries(spec, diags).items():
-        if key != "extends":
-            out.header[key] = entry
-    seen_here: dict[str, Span] = {}
+        if key == "extends":
+            continue
+        if not isinstance(entry.value, ast.String):
+            diags.error(entry.value.span, "E309", f"header key '{key}' must be a string", f'e.g. {key} = "..."')
+            continue
+        out.header[key] = entry
+    seen_here: dict[str, ast.Param | ast.Binding] = {}
     for stmt in spec.statements:
         if isinstance(stmt, ast.Config):
             keys: dict[str, ast.ConfigEntry] = {}
@@ -164,28 +176,27 @@ def _merge(out: Resolved, spec: ast.Spec, diags: Diagnostics) -> None:
                 keys[e.key] = e
             out.configs[stmt.block].update(keys)
             continue
-        if stmt.name in seen_here:
-            prev = seen_here[stmt.name]
-            what = "param" if isinstance(stmt, ast.Param) else "binding"
-            diags.error(stmt.name_span, "E202" if what == "binding" else "E203",
-                        f"'{stmt.name}' is defined twice in this spec (first at line {prev.line})",
-                        "rename one; to override a parent's definition, use extends")
+        prev = seen_here.get(stmt.name)
+        if prev is not None:
+            out.mentioned.update(n.id for n in ast.walk(stmt.value) if isinstance(n, ast.Name))
+            if type(prev) is not type(stmt):
+                diags.error(stmt.name_span, "E204", f"'{stmt.name}' names both a param (line "
+                            f"{(prev if isinstance(prev, ast.Param) else stmt).span.line}) and a binding (line "
+                            f"{(prev if isinstance(prev, ast.Binding) else stmt).span.line})", "rename one of them")
+                out.poisoned.add(stmt.name)
+            else:
+                what = "param" if isinstance(stmt, ast.Param) else "binding"
+                diags.error(stmt.name_span, "E202" if what == "binding" else "E203",
+                            f"'{stmt.name}' is defined twice in this spec (first at line {prev.name_span.line})",
+                            "rename one; to override a parent's definition, use extends")
             continue
-        seen_here[stmt.name] = stmt.name_span
+        seen_here[stmt.name] = stmt
         if isinstance(stmt, ast.Param):
-            if stmt.name in out.bindings:
-                out.bindings.pop(stmt.name)  # a child may turn a parent's binding into a param
+            out.bindings.pop(stmt.name, None)  # a child may turn a parent's binding into a param
             out.params[stmt.name] = stmt
         else:
             out.params.pop(stmt.name, None)
             out.bindings[stmt.name] = stmt
-    # A name that is both a param and a binding within one file.
-    names = [s for s in spec.statements if not isinstance(s, ast.Config)]
-    kinds: dict[str, type] = {}
-    for s in names:
-        if s.name in kinds and kinds[s.name] is not type(s):
-            diags.error(s.name_span, "E204", f"'{s.name}' names both a param and a binding", "rename one of them")
-        kinds.setdefault(s.name, type(s))
 
 
 # --- --set NAME=VALUE ----------------------------------------------------------------------
@@ -211,8 +222,10 @@ def parse_set_value(text: str) -> object:
     stripped = text.strip()
     if stripped == "none":
         return None
+    if stripped.startswith("["):  # `none` inside a list, outside strings, is JSON's null
+        stripped = re.sub(r'("(?:[^"\\]|\\.)*")|\bnone\b', lambda m: m.group(1) or "null", stripped)
     try:
-        value = json.loads(stripped.replace("none", "null") if stripped.startswith("[") else stripped)
+        value = json.loads(stripped)
     except ValueError:
         if stripped and all(c.isalnum() or c in "._-:/+@" for c in stripped):
             return stripped  # a bare word is a string: --set track.backend=jsonl
@@ -253,11 +266,15 @@ def _apply_sets(out: Resolved, sets: list[str], diags: Diagnostics) -> None:
             call = binding.value
             kwargs = tuple(k for k in call.kwargs if k.name != key) + (ast.Kwarg(key, value, whole, nspan),)
             out.bindings[head] = replace(binding, value=replace(call, kwargs=kwargs))
+        elif dot and head in out.bindings:
+            diags.error(nspan, "E800", f"--set {name}: the value of '{head}' is an expression, not a single "
+                        "stage call, so it has no arguments to set", "set a param that the expression uses instead")
         else:
             targets = list(out.params) + [f"{b}.KEY" for b in ast.CONFIG_BLOCKS] + [
                 f"{b}.KEY" for b, v in out.bindings.items() if isinstance(v.value, ast.Call)
             ]
-            close = difflib.get_close_matches(name, list(out.params) + [f"{b}." for b in out.bindings], n=1)
+            options = list(out.params) + [f"{b}.{k}" for b in ast.CONFIG_BLOCKS for k in out.configs[b]]
+            close = [c for c in difflib.get_close_matches(name, options, n=1) if c != name]
             hint = f"did you mean '{close[0]}'?" if close else "settable: " + ", ".join(targets)
             diags.error(nspan, "E800", f"--set {name}: no param, config key or stage call named '{name}'", hint)
     out.set_params = frozenset(set_params)

@@ -109,7 +109,7 @@ def binary(op: str, left: Type, right: Type) -> Type:
             raise TypeRuleError(f"cannot divide a number by {value}")
         raise TypeRuleError(
             f"'{op}' between a number and {value} is not defined",
-            f"a constant can scale a {value.base} ('*' or '/'); adding one would shift every term equally",
+            f"a constant can scale {_article(value.base)} ('*' or '/'); adding one would shift every term equally",
         )
     if left.base == right.base == "Loss":
         if op in "+-":
@@ -129,6 +129,10 @@ def binary(op: str, left: Type, right: Type) -> Type:
         "a Signal is a reward-like quantity: turn it into an advantage with an estimator such as "
         "grpo(r, groups) before combining, or use '*' to weight an advantage by a signal",
     )
+
+
+def _article(word: str) -> str:
+    return ("an " if word[:1].lower() in "aeiou" else "a ") + word
 
 
 def unary_minus(operand: Type) -> Type:

@@ -104,8 +104,17 @@ class Neg:
     depth: int = 1
 
 
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """Stands in for an expression already reported (for example one nested too deeply),
+    so that later passes neither recurse into it nor report it again."""
+
+    span: Span
+    depth: int = 1
+
+
 Literal = Union[Number, String, Bool, NoneLit, ListLit]
-Expr = Union[Number, String, Bool, NoneLit, ListLit, Name, Call, BinOp, Neg]
+Expr = Union[Number, String, Bool, NoneLit, ListLit, Name, Call, BinOp, Neg, Invalid]
 
 
 # --- statements --------------------------------------------------------------------------

@@ -33,6 +33,15 @@ class Span:
     def point(file: str, line: int = 1, column: int = 1) -> "Span":
         return Span(file, line, column, line, column + 1)
 
+    @staticmethod
+    def whole_file(file: str) -> "Span":
+        """A diagnostic about the file as a whole: line 1, column 1, zero width (no caret)."""
+        return Span(file, 1, 1, 1, 1)
+
+    @property
+    def is_whole_file(self) -> bool:
+        return self.line == 1 and self.column == 1 and self.end_line == 1 and self.end_column == 1
+
     def to(self, other: "Span") -> "Span":
         """The span from the start of ``self`` to the end of ``other``."""
         return Span(self.file, self.line, self.column, other.end_line, other.end_column)
@@ -141,7 +150,7 @@ def render_human(diagnostics: list[Diagnostic], sources: dict[str, str]) -> str:
         shown[s.file] = shown.get(s.file, 0) + 1
         out.append(f"{s.file}:{s.line}:{s.column}: {d.severity}[{d.code}]: {d.message}")
         lines = sources.get(s.file, "").splitlines()
-        if 1 <= s.line <= len(lines):
+        if 1 <= s.line <= len(lines) and not s.is_whole_file:
             text = lines[s.line - 1]
             if len(text) <= 400:  # a minified 1 MB line is no use to show
                 gutter = f"{s.line:>4} | "

@@ -288,7 +288,9 @@ def _syntax_error(exc: UnexpectedInput, file: str, text: str, diags: Diagnostics
         else:
             shown = " or ".join(expected) if len(expected) <= 2 else ", ".join(expected[:-1]) + " or " + expected[-1]
         message = f"unexpected {found}; expected {shown}"
-        if tok.type == "$END" and "')'" in expected:
+        if tok.type == "LBRACE":
+            hint = "is a '}' missing before this block?"
+        elif tok.type == "$END" and "')'" in expected:
             hint = "a '(' is not closed"
         elif tok.type == "$END" and "'}'" in expected:
             hint = "a '{' is not closed"
@@ -298,10 +300,10 @@ def _syntax_error(exc: UnexpectedInput, file: str, text: str, diags: Diagnostics
 def parse(text: str, file: str, diags: Diagnostics) -> ast.Spec | None:
     """Parse ``text``; on a syntax error add a diagnostic and return ``None``."""
     if len(text) > MAX_BYTES:
-        diags.error(Span.point(file), "E107", f"spec is {len(text):,} characters; the limit is {MAX_BYTES:,}")
+        diags.error(Span.whole_file(file), "E107", f"spec is {len(text):,} characters; the limit is {MAX_BYTES:,}")
         return None
     if not text.strip() or all(not line.split("#", 1)[0].strip() for line in text.splitlines()):
-        diags.error(Span.point(file), "E108", "spec is empty",
+        diags.error(Span.whole_file(file), "E108", "spec is empty",
                     "a spec needs at least a rollout and an objective; see docs/language.md")
         return None
     try:
@@ -324,15 +326,24 @@ def parse(text: str, file: str, diags: Diagnostics) -> ast.Spec | None:
 
 
 def _limit_depth(spec: ast.Spec, diags: Diagnostics) -> ast.Spec:
+    """Replace expressions deeper than MAX_DEPTH by ``Invalid`` (reported once, here)."""
+
+    def cap(value: ast.Expr) -> ast.Expr:
+        if value.depth <= MAX_DEPTH:
+            return value
+        diags.error(value.span, "E106", f"expression is nested {value.depth} levels deep; the limit is {MAX_DEPTH}",
+                    "split it into several bindings or params")
+        return ast.Invalid(value.span)
+
     kept = []
     for stmt in spec.statements:
-        values = [e.value for e in stmt.entries] if isinstance(stmt, ast.Config) else [stmt.value]
-        too_deep = [v for v in values if v.depth > MAX_DEPTH]
-        for v in too_deep:
-            diags.error(v.span, "E106", f"expression is nested {v.depth} levels deep; the limit is {MAX_DEPTH}",
-                        "split it into several bindings")
-        if not too_deep:
-            kept.append(stmt)
+        if isinstance(stmt, ast.Config):
+            entries = tuple(ast.ConfigEntry(e.key, cap(e.value), e.span, e.key_span) for e in stmt.entries)
+            kept.append(ast.Config(stmt.block, entries, stmt.span))
+        elif isinstance(stmt, ast.Param):
+            kept.append(ast.Param(stmt.name, cap(stmt.value), stmt.span, stmt.name_span))
+        else:
+            kept.append(ast.Binding(stmt.kind, stmt.name, cap(stmt.value), stmt.span, stmt.name_span, stmt.kind_span))
     return ast.Spec(spec.file, spec.header, tuple(kept))
 
 
@@ -354,9 +365,13 @@ def decode_source(data: bytes, file: str, diags: Diagnostics) -> str | None:
 def parse_file(path: Path, display: str, diags: Diagnostics) -> tuple[ast.Spec | None, str]:
     """Read and parse one file; returns the AST (or None) and the text for rendering."""
     try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            diags.error(Span.whole_file(display), "E107", f"spec is {size:,} bytes; the limit is {MAX_BYTES:,}")
+            return None, ""
         data = path.read_bytes()
     except OSError as exc:
-        diags.error(Span.point(display), "E600", f"cannot read spec: {exc.strerror or exc}")
+        diags.error(Span.whole_file(display), "E600", f"cannot read spec: {exc.strerror or exc}")
         return None, ""
     text = decode_source(data, display, diags)
     if text is None:

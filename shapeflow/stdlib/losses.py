@@ -65,8 +65,8 @@ def ppo_clip(advantages, groups, *, eps_low, eps_high, clip_c, agg, loss_scale_f
     """
     mask = groups.mask  # (B, T)
     adv = to_tokens(advantages, mask)  # (B, T)
-    # the log-ratio is zeroed on padding first, so a NaN/inf log-prob there gives neither a NaN
-    # loss nor a NaN gradient (aggregate's `where` alone keeps the value but not the gradient)
+    # zero the log-ratio on padding first: a NaN/inf log-prob there then gives neither a NaN loss
+    # nor a NaN gradient, without relying on clamp's backward dropping NaN inputs
     log_ratio = to_tokens(groups.need("policy_logprobs") - groups.need("logprobs"), mask).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
