@@ -406,7 +406,10 @@ class Checker:
                 key = str(loc[0]) if loc else ""
                 span = given[key][1] if key in given else where
                 before = len(self.diags.items)
-                self._param_error(model, key, err, span, owner, label.format(key) if key else owner)
+                what = label.format(key) if key else owner
+                if len(loc) > 1 and isinstance(loc[1], int):
+                    what += f" (item {loc[1] + 1})"
+                self._param_error(model, key, err, span, owner, what)
                 note = (notes or {}).get(key)
                 if note and len(self.diags.items) > before:
                     d = self.diags.items[-1]
@@ -434,6 +437,8 @@ class Checker:
         elif kind == "literal_error":
             options = [o.strip("'") for o in err["ctx"]["expected"].replace(" or ", ", ").split(", ")]
             sugg = _suggest(got, options) if isinstance(got, str) else None
+            if got is None and "none" in options:
+                sugg = 'write the string "none" (quoted); a bare none means no value'
             self.diags.error(span, "E401", f"{what} must be one of {err['ctx']['expected']}, got {_show(got)}",
                              sugg or (info.description if info else None))
         elif kind in ("too_long", "too_short"):

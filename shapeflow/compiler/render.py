@@ -25,7 +25,10 @@ def _title(graph: nx.DiGraph, n: str) -> list[str]:
     if d["op"] != "stage" and d["params"]:  # an operator with a constant operand: "0.1 ×", "× 2"
         consts = d["params"]
         label = f"{show_value(consts['left'])} {label}" if "left" in consts else f"{label} {show_value(consts['right'])}"
-    head = f"{d['binding']} = {label}" if d["binding"] else label
+    if d["op"] == "alias":
+        head = f"{d['binding']} (same value)"
+    else:
+        head = f"{d['binding']} = {label}" if d["binding"] else label
     lines = [head, d["type"]]
     if d["op"] == "stage" and d["params"]:
         lines.append(_params_text(d["params"]))

@@ -22,6 +22,7 @@ from shapeflow.dsl.diagnostics import Diagnostics, Span
 from shapeflow.dsl.parser import parse_file
 
 COMMAND_LINE = "<command line>"
+_NUMBER = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
 
 
 @dataclass
@@ -167,14 +168,21 @@ def _merge(out: Resolved, spec: ast.Spec, diags: Diagnostics) -> None:
             continue
         out.header[key] = entry
     seen_here: dict[str, ast.Param | ast.Binding] = {}
+    config_keys: dict[str, ast.ConfigEntry] = {}
     for stmt in spec.statements:
         if isinstance(stmt, ast.Config):
-            keys: dict[str, ast.ConfigEntry] = {}
             for e in stmt.entries:
-                if e.key in keys:
-                    diags.error(e.key_span, "E205", f"'{stmt.block}.{e.key}' is set twice in this block")
-                keys[e.key] = e
-            out.configs[stmt.block].update(keys)
+                full = f"{stmt.block}.{e.key}"
+                if full in config_keys:
+                    diags.error(e.key_span, "E205", f"'{full}' is set twice in this spec (first at line "
+                                f"{config_keys[full].key_span.line})")
+                    continue
+                config_keys[full] = e
+                out.configs[stmt.block][e.key] = e
+            continue
+        if stmt.name in ("true", "false", "none"):
+            diags.error(stmt.name_span, "E208", f"'{stmt.name}' is a literal and cannot name a "
+                        f"{'param' if isinstance(stmt, ast.Param) else 'binding'}", "choose another name")
             continue
         prev = seen_here.get(stmt.name)
         if prev is not None:
@@ -222,6 +230,8 @@ def parse_set_value(text: str) -> object:
     stripped = text.strip()
     if stripped == "none":
         return None
+    if _NUMBER.fullmatch(stripped):  # the spec's own number syntax: 1, 1.5, .5, 5., 1e-4
+        return float(stripped) if any(c in stripped for c in ".eE") else int(stripped)
     if stripped.startswith("["):  # `none` inside a list, outside strings, is JSON's null
         stripped = re.sub(r'("(?:[^"\\]|\\.)*")|\bnone\b', lambda m: m.group(1) or "null", stripped)
     try:
@@ -229,7 +239,8 @@ def parse_set_value(text: str) -> object:
     except ValueError:
         if stripped and all(c.isalnum() or c in "._-:/+@" for c in stripped):
             return stripped  # a bare word is a string: --set track.backend=jsonl
-        raise ValueError(f"cannot read {text!r} as a value (use a number, true/false/none, \"text\" or [a, b])")
+        raise ValueError(f"cannot read {text!r} as a value (use a number, true/false/none, \"text\", a bare "
+                         "word, or a list such as [1, 2] or [\"a\", \"b\"])")
     if isinstance(value, dict):
         raise ValueError("objects are not values in a spec")
     if isinstance(value, float) and not math.isfinite(value):
@@ -246,7 +257,7 @@ def _apply_sets(out: Resolved, sets: list[str], diags: Diagnostics) -> None:
         name, eq, raw = item.partition("=")
         name = name.strip()
         if not eq or not name:
-            diags.error(whole, "E801", f"--set needs NAME=VALUE, got {item!r}", "e.g. --set lr=1e-4")
+            diags.error(whole, "E801", f"--set needs NAME=VALUE, got {item!r}", "e.g. --set train.lr=1e-4")
             continue
         vspan = Span(COMMAND_LINE, i, offset + len(name) + 2, i, offset + len(item) + 1)
         nspan = Span(COMMAND_LINE, i, offset + 1, i, offset + len(name) + 1)
@@ -273,8 +284,11 @@ def _apply_sets(out: Resolved, sets: list[str], diags: Diagnostics) -> None:
             targets = list(out.params) + [f"{b}.KEY" for b in ast.CONFIG_BLOCKS] + [
                 f"{b}.KEY" for b, v in out.bindings.items() if isinstance(v.value, ast.Call)
             ]
-            options = list(out.params) + [f"{b}.{k}" for b in ast.CONFIG_BLOCKS for k in out.configs[b]]
-            close = [c for c in difflib.get_close_matches(name, options, n=1) if c != name]
+            from shapeflow.config import CONFIG_BLOCKS
+
+            options = list(out.params) + [f"{b}.{k}" for b, m in CONFIG_BLOCKS.items() for k in m.model_fields]
+            bare = [o for o in options if o.split(".")[-1] == name]  # `lr` for `train.lr`
+            close = bare or [c for c in difflib.get_close_matches(name, options, n=1) if c != name]
             hint = f"did you mean '{close[0]}'?" if close else "settable: " + ", ".join(targets)
             diags.error(nspan, "E800", f"--set {name}: no param, config key or stage call named '{name}'", hint)
     out.set_params = frozenset(set_params)

@@ -26,6 +26,7 @@ CODES: dict[str, str] = {
     "E205": "header or config key given twice",
     "E206": "unknown header key",
     "E207": "stage used as a value without calling it",
+    "E208": "a literal (true, false, none) used as a name",
     "E300": "operator applied to types it does not combine",
     "E301": "binding kind does not match its value's type",
     "E302": "stage input of the wrong type",

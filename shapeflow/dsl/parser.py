@@ -87,6 +87,8 @@ class _Builder(Transformer):
             if value in (float("inf"), float("-inf")):
                 raise _Error(span, "E104", f"number {text} is too large for a float")
             return ast.Number(value, span)
+        if len(text) > 300:  # beyond any float; Python refuses to parse > 4300 digits anyway
+            raise _Error(span, "E104", f"number with {len(text)} digits is too large")
         return ast.Number(int(text), span)
 
     def string(self, children):
@@ -112,6 +114,9 @@ class _Builder(Transformer):
             elif esc == "u" and len(raw) >= i + 6 and all(c in "0123456789abcdefABCDEF" for c in raw[i + 2 : i + 6]):
                 out.append(chr(int(raw[i + 2 : i + 6], 16)))
                 i += 6
+            elif esc == "u":
+                span = Span(self.file, tok.line, col, tok.line, col + 2)
+                raise _Error(span, "E102", "'\\u' needs four hex digits, e.g. \\u00e9")
             else:
                 span = Span(self.file, tok.line, col, tok.line, col + 2)
                 raise _Error(
@@ -278,7 +283,9 @@ def _syntax_error(exc: UnexpectedInput, file: str, text: str, diags: Diagnostics
         message = f"unexpected {found}; a statement starts with {listed}"
         if tok.type == "NAME":
             close = difflib.get_close_matches(str(tok), STATEMENT_STARTS, n=1, cutoff=0.6)
-            if close:
+            if str(tok) == "spec":
+                hint = "the header `spec NAME { ... }` must come before every other statement"
+            elif close:
                 hint = f"did you mean '{close[0]}'?"
             else:
                 hint = f"write a binding as KIND NAME = EXPR, e.g. 'reward {tok} = ...'"

@@ -1,0 +1,48 @@
+"""Shared helpers for the stage tests: small RolloutBatch builders and a registry-validated call."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from shapeflow._lazy import torch  # imported on first use: test files without torch still collect
+from shapeflow.runtime.batch import RolloutBatch
+from shapeflow.stdlib.registry import default_registry
+
+
+def make_batch(
+    group_index: Sequence[int],
+    mask: Any = None,
+    *,
+    T: int = 1,
+    policy_logprobs: Any = None,
+    **fields: Any,
+) -> RolloutBatch:
+    """A RolloutBatch with the given group of each response.
+
+    ``mask`` is a nested list or tensor (B, T); none gives an all-ones (B, T) mask.
+    ``policy_logprobs`` goes to ``extra["policy_logprobs"]`` (where the update phase keeps it);
+    list values of tensor fields are turned into tensors (float64 when the mask is given as
+    float64, else float32).
+    """
+    gi = torch.as_tensor(list(group_index), dtype=torch.long)
+    if mask is None:
+        mask = torch.ones(len(gi), T)
+    mask = torch.as_tensor(mask, dtype=torch.float32) if not torch.is_tensor(mask) else mask
+    extra = dict(fields.pop("extra", {}))
+    if policy_logprobs is not None:
+        extra["policy_logprobs"] = _tensor(policy_logprobs)
+    for name in ("logprobs", "ref_logprobs", "entropy"):
+        if name in fields and fields[name] is not None:
+            fields[name] = _tensor(fields[name])
+    return RolloutBatch(prompt_ids=[f"p{g}" for g in gi.tolist()], group_index=gi, mask=mask, extra=extra, **fields)
+
+
+def _tensor(x: Any):
+    return x if torch.is_tensor(x) else torch.tensor(x, dtype=torch.float64)
+
+
+def call(name: str, *inputs: Any, **params: Any) -> Any:
+    """Call stage ``name`` as the executor does: parameters validated by its model, defaults filled."""
+    st = default_registry()[name]
+    values = st.params(**params).model_dump()
+    return st.fn(*inputs, **values)
