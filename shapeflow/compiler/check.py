@@ -117,10 +117,13 @@ class Checker:
 
     # --- entry point
     def run(self) -> Program:
-        for name in self.r.params:
-            self._param(name)
-        for name in self.r.bindings:
-            self._binding(name)
+        order = self._dependency_order()  # dependencies first: no deep recursion on long chains
+        for name in order:
+            if name in self.r.params:
+                self._param(name)
+        for name in order:
+            if name in self.r.bindings:
+                self._binding(name)
         prog = Program(
             name=self.r.name,
             file=self.r.file,
@@ -141,8 +144,7 @@ class Checker:
     def _param(self, name: str) -> _Const | None:
         if name in self.param_values:
             return self.param_values[name]
-        if name in self.in_progress:
-            self._cycle(name)
+        if name in self.in_progress or name in self.cyclic:
             return None
         self.in_progress.append(name)
         p = self.r.params[name]
@@ -159,8 +161,7 @@ class Checker:
     def _binding(self, name: str) -> _Value:
         if name in self.binding_values:
             return self.binding_values[name]
-        if name in self.in_progress:
-            self._cycle(name)
+        if name in self.in_progress or name in self.cyclic:
             return None
         self.in_progress.append(name)
         b = self.r.bindings[name]
@@ -203,14 +204,49 @@ class Checker:
                 return f"declare it as '{other}' instead" if other != "verify" else "declare it as 'reward' or 'verify'"
         return None
 
-    def _cycle(self, name: str) -> None:
-        start = self.in_progress.index(name)
-        members = self.in_progress[start:] + [name]
-        if name in self.cyclic:
+    def _dependency_order(self) -> list[str]:
+        """Params and bindings, each after the names it uses (iterative DFS); cycles are
+        reported here, once each, and their members are left out."""
+        defined = {**self.r.params, **self.r.bindings}
+        deps = {
+            name: [n.id for n in ast.walk(stmt.value) if isinstance(n, ast.Name) and n.id in defined]
+            for name, stmt in defined.items()
+        }
+        state: dict[str, int] = {}  # 1 on the path, 2 done
+        order: list[str] = []
+        for root in defined:
+            if root in state:
+                continue
+            state[root] = 1
+            path, stack = [root], [iter(deps[root])]
+            while stack:
+                nxt = next(stack[-1], None)
+                if nxt is None:
+                    stack.pop()
+                    done = path.pop()
+                    state[done] = 2
+                    if done not in self.cyclic:
+                        order.append(done)
+                elif state.get(nxt) == 1:
+                    self._cycle(path[path.index(nxt):] + [nxt])
+                elif nxt not in state:
+                    state[nxt] = 1
+                    path.append(nxt)
+                    stack.append(iter(deps[nxt]))
+        for member in self.cyclic:  # what a cycle's members use is not "unused"
+            self.used_names.update(deps[member])
+        return order
+
+    def _cycle(self, members: list[str]) -> None:
+        if all(m in self.cyclic for m in members):
             return
         self.cyclic.update(members)
-        stmt = self.r.bindings.get(name) or self.r.params.get(name)
-        self.diags.error(stmt.name_span, "E503", f"cycle: {' → '.join(members)}",
+        defined = {**self.r.params, **self.r.bindings}
+        first = min(members[:-1], key=lambda m: (defined[m].span.file, defined[m].span.line, defined[m].span.column))
+        i = members.index(first)
+        loop = members[i:-1] + members[:i] + [first]  # start the loop at the first one in the file
+        shown = " → ".join(loop) if len(loop) <= 12 else " → ".join(loop[:10]) + f" → … ({len(loop) - 1} members)"
+        self.diags.error(defined[first].name_span, "E503", f"cycle: {shown}",
                          "a binding or param cannot depend on itself, directly or through others")
 
     # --- expressions

@@ -79,7 +79,11 @@ class _Loader:
             return None
         bases = [child.parent] + self.search
         candidates = [Path(target)] if os.path.isabs(target) else [b / target for b in bases]
-        found = next((c.resolve() for c in candidates if c.is_file()), None)
+        try:
+            found = next((c.resolve() for c in candidates if c.is_file()), None)
+        except (OSError, ValueError) as exc:  # a name too long for the filesystem, a NUL byte
+            self.diags.error(value.span, "E600", f"cannot use '{target[:80]}' as a path: {exc}")
+            return None
         if found is None:
             looked = ", ".join(display_path(b) or "." for b in bases)
             self.diags.error(value.span, "E600", f"cannot find '{target}' (looked in: {looked})",
@@ -231,11 +235,18 @@ def parse_set_value(text: str) -> object:
     if stripped == "none":
         return None
     if _NUMBER.fullmatch(stripped):  # the spec's own number syntax: 1, 1.5, .5, 5., 1e-4
-        return float(stripped) if any(c in stripped for c in ".eE") else int(stripped)
+        if len(stripped) > 300:
+            raise ValueError(f"number with {len(stripped)} digits is too large")
+        number = float(stripped) if any(c in stripped for c in ".eE") else int(stripped)
+        if not math.isfinite(number):
+            raise ValueError(f"{text!r} is not a finite number")
+        return number
     if stripped.startswith("["):  # `none` inside a list, outside strings, is JSON's null
         stripped = re.sub(r'("(?:[^"\\]|\\.)*")|\bnone\b', lambda m: m.group(1) or "null", stripped)
     try:
         value = json.loads(stripped)
+    except RecursionError:
+        raise ValueError("value is nested too deeply") from None
     except ValueError:
         if stripped and all(c.isalnum() or c in "._-:/+@" for c in stripped):
             return stripped  # a bare word is a string: --set track.backend=jsonl
@@ -243,6 +254,10 @@ def parse_set_value(text: str) -> object:
                          "word, or a list such as [1, 2] or [\"a\", \"b\"])")
     if isinstance(value, dict):
         raise ValueError("objects are not values in a spec")
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the value holds a lone surrogate, which is not a character") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{text!r} is not a finite number")
     return value

@@ -149,9 +149,9 @@ def render_human(diagnostics: list[Diagnostic], sources: dict[str, str]) -> str:
             continue
         shown[s.file] = shown.get(s.file, 0) + 1
         out.append(f"{s.file}:{s.line}:{s.column}: {d.severity}[{d.code}]: {d.message}")
-        lines = sources.get(s.file, "").splitlines()
+        lines = sources.get(s.file, "").split("\n")  # as the lexer counts lines
         if 1 <= s.line <= len(lines) and not s.is_whole_file:
-            text = lines[s.line - 1]
+            text = lines[s.line - 1].rstrip("\r")
             if len(text) <= 400:  # a minified 1 MB line is no use to show
                 gutter = f"{s.line:>4} | "
                 out.append(gutter + text)

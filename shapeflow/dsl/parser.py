@@ -112,7 +112,11 @@ class _Builder(Transformer):
                 out.append(_ESCAPES[esc])
                 i += 2
             elif esc == "u" and len(raw) >= i + 6 and all(c in "0123456789abcdefABCDEF" for c in raw[i + 2 : i + 6]):
-                out.append(chr(int(raw[i + 2 : i + 6], 16)))
+                code = int(raw[i + 2 : i + 6], 16)
+                if 0xD800 <= code <= 0xDFFF:
+                    span = Span(self.file, tok.line, col, tok.line, col + 6)
+                    raise _Error(span, "E102", f"'\\u{raw[i + 2 : i + 6]}' is a surrogate, not a character")
+                out.append(chr(code))
                 i += 6
             elif esc == "u":
                 span = Span(self.file, tok.line, col, tok.line, col + 2)

@@ -17,6 +17,8 @@ def _check_regex(value: str | None) -> str | None:
             re.compile(value)
         except re.error as exc:
             raise ValueError(f"invalid regular expression: {exc}") from None
+        except (RecursionError, OverflowError) as exc:  # absurd nesting or repeat counts
+            raise ValueError(f"regular expression is too complex to compile ({type(exc).__name__})") from None
     return value
 
 
