@@ -846,3 +846,15 @@ def test_random_well_formed_specs(tmp_path_factory, statements, with_grpo):
     path.write_text(text, encoding="utf-8")
     outcome = run_check(path, "json")
     assert_well_formed(outcome, "json")
+
+
+def test_constant_folding_cannot_grow_without_bound(tmp_path):
+    """Each param squares the last: the checker stops at the float range instead of building
+    a number with millions of digits."""
+    lines = ["param p0 = " + "9" * 250] + [f"param p{i} = p{i - 1} * p{i - 1}" for i in range(1, 30)]
+    path = tmp_path / "grow.shape"
+    path.write_text(grpo_text() + "\n".join(lines) + "\n", encoding="utf-8")
+    outcome = run_check(path)
+    assert outcome.rc == 1
+    assert "error[E104]: constant expression overflows a float" in outcome.output
+    assert outcome.seconds < 5

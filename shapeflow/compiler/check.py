@@ -318,12 +318,11 @@ class Checker:
             if e.op == "/" and right.value == 0:
                 self.diags.error(e.right.span, "E300", "division by zero")
                 return None
-            a, b = left.value, right.value
             try:
-                value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if e.op == "/" else None}[e.op]
+                value = _FOLD[e.op](left.value, right.value)
             except OverflowError:
                 value = float("inf")
-            if isinstance(value, float) and not math.isfinite(value):
+            if abs(value) > _FLOAT_MAX or not math.isfinite(value):  # huge ints could grow without bound
                 self.diags.error(e.span, "E104", "constant expression overflows a float")
                 return None
             return _Const(value, t)
@@ -598,6 +597,8 @@ class Checker:
 
 
 _PHASE_ORDER = {"setup": 0, "rollout": 1, "update": 2}
+_FOLD = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+_FLOAT_MAX = 1.7976931348623157e308
 
 
 def _with(node: Node, **changes) -> Node:
