@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,15 +17,21 @@ class Example:
     id: str
     prompt: str
     answer: str
+    meta: dict | None = None  # task-specific data a scorer needs (e.g. a reasoning-gym entry)
 
 
 @dataclass(frozen=True)
 class TaskData:
-    """The value of type ``Dataset``: a named, ordered list of examples."""
+    """The value of type ``Dataset``: a named, ordered list of examples.
+
+    ``scorer`` (optional) is the task's own scoring function ``(example, response) -> float``;
+    the rollout records its value as ``scores["task"]`` for each response.
+    """
 
     name: str
     split: str
     examples: tuple[Example, ...]
+    scorer: Callable[[Example, str], float] | None = None
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -1,0 +1,139 @@
+"""Policies: a causal LM and its tokenizer, from a local folder or built in code (`builtin:`).
+
+Builtin models are made by a builder registered with :func:`builtin`; a builder writes an
+ordinary Hugging Face folder (weights, config, tokenizer) into the cache, once, and every
+later run loads that folder. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+BuiltinBuilder = Callable[[Path], None]  # writes a Hugging Face folder into the given path
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    build: BuiltinBuilder
+    version: str  # bump to invalidate cached copies when the recipe changes
+    doc: str
+
+
+BUILTINS: dict[str, Builtin] = {}
+
+
+def builtin(name: str, *, version: str, doc: str) -> Callable[[BuiltinBuilder], BuiltinBuilder]:
+    """Register a builtin model recipe under ``builtin:NAME``."""
+
+    def register(fn: BuiltinBuilder) -> BuiltinBuilder:
+        if name in BUILTINS:
+            raise ValueError(f"builtin model '{name}' is registered twice")
+        BUILTINS[name] = Builtin(name, fn, version, doc)
+        return fn
+
+    return register
+
+
+def cache_root() -> Path:
+    """``$SHAPEFLOW_CACHE``, else ``$XDG_CACHE_HOME/shapeflow``, else ``~/.cache/shapeflow``."""
+    if os.environ.get("SHAPEFLOW_CACHE"):
+        return Path(os.environ["SHAPEFLOW_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "shapeflow"
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # two runs building the same builtin wait for each other
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def builtin_folder(name: str) -> Path:
+    """The cached folder of ``builtin:NAME``, building it on first use."""
+    _load_builtin_modules()
+    if name not in BUILTINS:
+        known = ", ".join(sorted(BUILTINS)) or "none"
+        raise ModelError(f"unknown builtin model 'builtin:{name}' (builtins: {known})")
+    recipe = BUILTINS[name]
+    key = hashlib.sha256(f"{name}:{recipe.version}".encode()).hexdigest()[:12]
+    folder = cache_root() / "models" / f"{name}-{key}"
+    with _locked(cache_root() / "models" / f".{name}.lock"):
+        if not (folder / "shapeflow-builtin.json").is_file():
+            staging = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            recipe.build(staging)
+            (staging / "shapeflow-builtin.json").write_text(json.dumps({"name": name, "version": recipe.version}))
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.rename(folder)  # atomic: a crash mid-build leaves no half-made cache entry
+    return folder
+
+
+def _load_builtin_modules() -> None:
+    import importlib
+
+    for module in ("shapeflow.runtime.builtin_tiny", "shapeflow.runtime.builtin_smollm2"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class Policy:
+    """The value of type ``Model``: a causal LM, its tokenizer and where it came from."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    source: str  # the path or builtin name from the spec
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+
+def load_policy(path: str, dtype: str = "auto") -> Policy:
+    """Load ``path`` (a local folder, or ``builtin:NAME``) as a Policy, offline."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = builtin_folder(path.removeprefix("builtin:")) if path.startswith("builtin:") else Path(path)
+    if not folder.is_dir():
+        raise ModelError(f"model path '{path}' is not a folder; give a local Hugging Face checkpoint "
+                         "folder or 'builtin:NAME'")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model folder '{path}' has no config.json; is it a Hugging Face checkpoint?")
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model from '{path}': {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return Policy(model, tokenizer, path)
