@@ -221,6 +221,86 @@ def cmd_replay(args) -> int:
     return EXIT_OK
 
 
+# --- run and eval ---------------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    result = _compile_one(args, Path(args.spec))
+    if not result.ok:
+        _print_diagnostics(result.diagnostics, result.sources, "human", sys.stderr)
+        return EXIT_ERRORS
+    from shapeflow.runtime.executor import StageError
+    from shapeflow.runtime.models import ModelError
+    from shapeflow.runtime.run import RunOptions, run
+    from shapeflow.runtime.trainer import RunError
+
+    options = RunOptions(
+        steps=args.steps, out=Path(args.out) if args.out else None, seed=args.seed, device=args.device,
+        tracking=args.tracking, tracking_uri=args.tracking_uri, resume=args.resume,
+        record=Path(args.record) if args.record else None, eval_size=args.eval_size,
+    )
+    try:
+        summary = run(result.program, Path(args.spec).read_text(encoding="utf-8"), options)
+    except (RunError, ModelError, StageError) as exc:
+        print(f"shapeflow run: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    _print_run_summary(summary, args.tracking or result.program.config["track"].backend)
+    return EXIT_OK
+
+
+def _print_run_summary(summary: dict, backend: str) -> None:
+    from shapeflow.runtime.tracking import ui_command
+
+    before = summary.get("eval_before", {}).get("eval/accuracy")
+    after = summary.get("eval_after", {}).get("eval/accuracy")
+    run_dir = Path(summary["run_dir"])
+    print(f"run: {run_dir}  ({summary['status'].lower()}, {summary['last_step']} steps)")
+    if after is not None:
+        first = f"{before:.3f} -> " if before is not None else ""
+        print(f"held-out greedy accuracy: {first}{after:.3f}")
+        passk = {k: v for k, v in summary["eval_after"].items() if k.startswith("eval/pass@")}
+        for k, v in passk.items():
+            print(f"held-out {k.removeprefix('eval/')}: {v:.3f}")
+    print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    if summary.get("plots"):
+        print(f"plots:   {run_dir / 'plots'}/ ({', '.join(Path(p).name for p in summary['plots'])})")
+    command = ui_command(run_dir) if backend == "mlflow" else None
+    if command:
+        print(f"MLflow UI: {command}")
+
+
+def cmd_eval(args) -> int:
+    result = _compile_one(args, Path(args.spec))
+    if not result.ok:
+        _print_diagnostics(result.diagnostics, result.sources, "human", sys.stderr)
+        return EXIT_ERRORS
+    from shapeflow.compiler.pipeline import build_plan
+    from shapeflow.runtime.models import ModelError
+    from shapeflow.runtime.run import checkpoint_dirs, load_checkpoint
+    from shapeflow.runtime.trainer import RunError, Trainer
+    from shapeflow.stdlib.registry import default_registry
+
+    program = result.program
+    _, plan = build_plan(program)
+    config = program.config["train"]
+    try:
+        ckpt = Path(args.checkpoint)
+        if not (ckpt / "state.pt").is_file():
+            found = checkpoint_dirs(ckpt)  # a run folder: its newest checkpoint
+            if not found:
+                raise RunError(f"{ckpt} is neither a checkpoint nor a run folder with checkpoints")
+            ckpt = found[-1]
+        trainer = Trainer(program, plan, default_registry(), config, device=args.device)
+        trainer.setup()
+        trainer.load_state_dict(load_checkpoint(ckpt))
+        metrics = trainer.evaluate(size=args.size or config.eval_size, k=args.k)
+    except (RunError, ModelError) as exc:
+        print(f"shapeflow eval: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
+    print(json.dumps({"checkpoint": str(ckpt), **metrics}, indent=2))
+    return EXIT_OK
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
@@ -246,6 +326,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_stages)
+
+    p = sub.add_parser("run", help="train a policy from a spec")
+    p.add_argument("spec")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/NAME-TIME)")
+    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--tracking", choices=("mlflow", "jsonl", "none"), help="override track.backend")
+    p.add_argument("--tracking-uri", metavar="URI", help="log to this MLflow tracking server")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--record", metavar="FILE", help="write every rollout, in the replay format, to FILE")
+    p.add_argument("--eval-size", type=int, metavar="N", help="held-out problems per evaluation")
+    _add_spec_options(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("eval", help="held-out greedy accuracy and pass@k of a checkpoint")
+    p.add_argument("spec")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint folder, or a run folder")
+    p.add_argument("--k", type=int, default=1, help="also report pass@k with k samples per problem")
+    p.add_argument("--size", type=int, help="held-out problems (default train.eval_size)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_spec_options(p)
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("replay", help="evaluate verify → reward → advantage on recorded rollouts")
     p.add_argument("spec")

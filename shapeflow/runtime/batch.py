@@ -36,6 +36,11 @@ class RolloutBatch:
     truncated: "Tensor | None" = None  # (B,) bool
     scores: dict[str, "Tensor"] = field(default_factory=dict)  # name -> (B,)
     extra: dict[str, Any] = field(default_factory=dict)  # other needs by name
+    examples: list[Any] | None = None  # (B,) the task example each response answers
+    task: Any = None  # the TaskData the prompts came from (its scorer, its name)
+    # Runtime-only tensors (not needs): the prompt tokens the responses continue.
+    prompt_tokens: "Tensor | None" = None  # (B, P) left-padded
+    prompt_mask: "Tensor | None" = None  # (B, P)
 
     @property
     def size(self) -> int:
@@ -95,6 +100,10 @@ class RolloutBatch:
             truncated=pick(self.truncated),
             scores={k: pick(v) for k, v in self.scores.items()},
             extra={k: pick(v) for k, v in self.extra.items()},
+            examples=pick(self.examples),
+            task=self.task,
+            prompt_tokens=pick(self.prompt_tokens),
+            prompt_mask=pick(self.prompt_mask),
         )
 
 

@@ -67,15 +67,19 @@ def run_nodes(
     values: dict[str, Any],
     registry: Registry,
     mask: "Tensor | None" = None,
+    ctx: Any = None,
 ) -> dict[str, Any]:
-    """Compute ``order``'s nodes into ``values`` (which holds their inputs already)."""
+    """Compute ``order``'s nodes into ``values`` (which holds their inputs already).
+
+    Stages declared with ``context=True`` also get ``ctx`` (the runtime's step context)."""
     for node_id in order:
         node = program.nodes[node_id]
         args = [values[src] for _, src in node.inputs]
         if node.op == "stage":
-            fn = registry[node.stage].fn
+            st = registry[node.stage]
+            extra = {"ctx": ctx} if st.context else {}
             try:
-                values[node_id] = fn(*args, **node.params)
+                values[node_id] = st.fn(*args, **node.params, **extra)
             except Exception as exc:  # reported with the spec line; the caller decides to stop
                 raise StageError(node, exc) from exc
         else:

@@ -120,7 +120,9 @@ def load_policy(path: str, dtype: str = "auto") -> Policy:
     """Load ``path`` (a local folder, or ``builtin:NAME``) as a Policy, offline."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the run's progress
     folder = builtin_folder(path.removeprefix("builtin:")) if path.startswith("builtin:") else Path(path)
     if not folder.is_dir():
         raise ModelError(f"model path '{path}' is not a folder; give a local Hugging Face checkpoint "

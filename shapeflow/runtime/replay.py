@@ -82,6 +82,8 @@ def _validate(rec: dict[str, Any], lineno: int) -> None:
             if not isinstance(value, list) or not all(_is_number(v) for v in value):
                 raise _fail(lineno, f"'{key}' must be a list of numbers")
             lengths[key] = len(value)
+    if "step" in rec and (not isinstance(rec["step"], int) or isinstance(rec["step"], bool)):
+        raise _fail(lineno, "'step' must be an integer")
     extra = rec.get("extra", {})
     if not isinstance(extra, dict):
         raise _fail(lineno, "'extra' must be an object")
@@ -216,6 +218,8 @@ def replay(
     advantage: str | None = None,
     registry: Registry | None = None,
 ) -> None:
+    """Evaluate the rollout-phase nodes on each recorded step's lines (one batch per `step`
+    value; a file without `step` fields is one batch) and write one line per input line."""
     registry = registry or default_registry()
     records = read_records(rollouts)
     from shapeflow.compiler.pipeline import build_plan
@@ -225,6 +229,18 @@ def replay(
     nodes = downstream_of(program, rollout_nodes, plan.phases["rollout"])
     needs = set().union(*(program.nodes[n].needs for n in nodes)) if nodes else set()
     adv_node = _choose_advantage(program, nodes, advantage)
+    steps: dict[Any, list[dict[str, Any]]] = {}
+    for rec in records:
+        steps.setdefault(rec.get("step"), []).append(rec)
+    results: dict[int, str] = {}
+    for group in steps.values():
+        for rec, line in zip(group, _evaluate(program, group, needs, nodes, rollout_nodes, adv_node, registry)):
+            results[rec["_line"]] = line
+    for rec in records:
+        out.write(results[rec["_line"]] + "\n")
+
+
+def _evaluate(program, records, needs, nodes, rollout_nodes, adv_node, registry) -> list[str]:
     batch = build_batch(records, needs)
     values: dict[str, Any] = {n: batch for n in rollout_nodes}
     try:
@@ -241,6 +257,7 @@ def replay(
     ]
     lengths = batch.mask.sum(-1).long().tolist()
     adv = values[adv_node]
+    lines = []
     for i, rec in enumerate(records):
         n = lengths[i]
         a = _row(adv, i, n)
@@ -249,4 +266,37 @@ def replay(
             "advantages": [a] * n if isinstance(a, float) else a,
             "signals": {name: _row(values[node_id], i, n) for name, node_id in shown},
         }
-        out.write(json.dumps(line) + "\n")
+        lines.append(json.dumps(line))
+    return lines
+
+
+def batch_records(batch: RolloutBatch, step: int) -> list[dict[str, Any]]:
+    """One step's batch in the recorded-rollout format, every need the run computed included."""
+    lengths = batch.mask.sum(-1).long().tolist()
+    out = []
+    for i, n in enumerate(lengths):
+        rec: dict[str, Any] = {"prompt_id": batch.prompt_ids[i], "step": step}
+        for key, texts in (("prompt", batch.prompts), ("answer", batch.answers), ("response", batch.responses)):
+            if texts is not None:
+                rec[key] = texts[i]
+        if batch.response_ids is not None:
+            rec["response_ids"] = batch.response_ids[i, :n].tolist()
+        for key in ("logprobs", "ref_logprobs", "entropy"):
+            value = getattr(batch, key)
+            if value is not None:
+                rec[key] = value[i, :n].tolist()
+        rec["length"] = n
+        if batch.truncated is not None:
+            rec["truncated"] = bool(batch.truncated[i])
+        if batch.scores:
+            rec["scores"] = {k: float(v[i]) for k, v in batch.scores.items()}
+        extra = {}
+        for key, value in batch.extra.items():
+            if key == "policy_logprobs":
+                continue
+            if hasattr(value, "dim"):
+                extra[key] = value[i, :n].tolist() if value.dim() >= 2 else float(value[i])
+        if extra:
+            rec["extra"] = extra
+        out.append(rec)
+    return out

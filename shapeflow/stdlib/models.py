@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from shapeflow.stdlib.registry import StageParams, stage
-
-
-class StageUnavailable(RuntimeError):
-    """A declared stage whose implementation arrives with a later part of shapeflow."""
 
 
 class CausalLMParams(StageParams):
@@ -16,7 +14,9 @@ class CausalLMParams(StageParams):
         description="A local Hugging Face checkpoint folder, or 'builtin:NAME' for a small model "
         "built in code (e.g. 'builtin:arith-tiny')."
     )
-    dtype: str = Field("auto", description="Weights dtype: 'auto', 'float32', 'bfloat16' or 'float16'.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype as loaded (training may still use mixed precision)."
+    )
 
 
 @stage("models.causal_lm", kind="model", inputs={}, output="Model", params=CausalLMParams, phase="setup")
@@ -26,4 +26,6 @@ def causal_lm(*, path, dtype):
     Nothing is downloaded: ``path`` is a local Hugging Face checkpoint, or ``builtin:NAME``
     for a small model built from a transformers config with a character-level tokenizer.
     """
-    raise StageUnavailable("models.causal_lm is declared; loading models arrives with the runtime (`shapeflow run`)")
+    from shapeflow.runtime.models import load_policy
+
+    return load_policy(path, dtype)

@@ -37,6 +37,7 @@ STDLIB_MODULES = (
     "shapeflow.stdlib.tasks",
     "shapeflow.stdlib.rollouts",
     "shapeflow.stdlib.verifiers",
+    "shapeflow.stdlib.task_verifiers",
     "shapeflow.stdlib.rewards",
     "shapeflow.stdlib.signals",
     "shapeflow.stdlib.advantages",
@@ -70,6 +71,7 @@ class Stage:
     phase: str
     paper: str
     engine_param: str | None = None  # for rollout stages: the parameter naming the engine
+    context: bool = False  # the function takes the runtime's step context as keyword `ctx`
     source: str = "shapeflow"  # "shapeflow" or the plug-in's entry-point name
 
     @property
@@ -188,6 +190,7 @@ def _build(
     phase: Literal["setup", "rollout", "update"] = "rollout",
     paper: str = "",
     engine_param: str | None = None,
+    context: bool = False,
     source: str = "shapeflow",
 ) -> Stage:
     try:
@@ -206,6 +209,7 @@ def _build(
         phase=phase,
         paper=paper,
         engine_param=engine_param,
+        context=context,
         source=source,
     )
 
@@ -248,7 +252,9 @@ def _verify_contract(st: Stage) -> None:
             f"{where}: positional parameters {positional} do not match the declared inputs "
             f"{list(st.input_names())}"
         )
-    fields = set(st.param_names())
+    fields = set(st.param_names()) | ({"ctx"} if st.context else set())
+    if "ctx" in st.param_names():
+        raise RegistrationError(f"{where}: 'ctx' is reserved for the runtime context (declare context=True)")
     if keyword != fields:
         missing, extra = sorted(fields - keyword), sorted(keyword - fields)
         detail = "; ".join(

@@ -6,7 +6,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from shapeflow.stdlib.models import StageUnavailable
 from shapeflow.stdlib.registry import REGISTRY, StageParams, stage
 
 REGISTRY.add_engine(
@@ -39,11 +38,17 @@ class SampleParams(StageParams):
     params=SampleParams,
     phase="rollout",
     engine_param="engine",
+    context=True,
 )
-def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, engine):
+def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, engine, ctx):
     """Sample ``n`` responses for each prompt of the step; responses of one prompt form a group.
 
     Records the sampled tokens, their behaviour log-probs (at ``temperature``, exactly as the
     update phase computes them) and whatever else the graph needs.
     """
-    raise StageUnavailable("rollouts.sample is declared; generation arrives with the runtime (`shapeflow run`)")
+    examples = ctx.next_prompts(prompts)
+    batch = ctx.engine(engine, policy).generate(
+        examples, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k
+    )
+    batch.task = prompts
+    return ctx.complete(batch, policy, temperature=temperature)

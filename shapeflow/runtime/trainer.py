@@ -1,0 +1,399 @@
+"""The training loop: execute a compiled plan, step after step.
+
+    setup    once: models, datasets, optimizer (through accelerate)
+    rollout  each step: sampler → engine → behaviour log-probs and the graph's needs →
+             the rollout-phase nodes (verify, reward, advantage, ...) in plan order
+    update   PPO epochs × minibatches × micro-batches: current-policy forward → the
+             update-phase nodes → the objective → backward, clip, optimizer step
+    metrics  every node's output summarised (mean, std, min, max, fraction zero)
+
+Nothing here branches on a stage's name: stages run through the executor; what a stage
+needs from the rollout arrives through the needs the compiler collected.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shapeflow._lazy import torch
+from shapeflow.compiler.check import Program
+from shapeflow.compiler.plan import Plan
+from shapeflow.config import TrainConfig
+from shapeflow.runtime.batch import RolloutBatch
+from shapeflow.runtime.engine import ENGINES, token_logprobs
+from shapeflow.runtime.executor import downstream_of, run_nodes
+from shapeflow.runtime.sampler import PromptSampler
+from shapeflow.stdlib.registry import Registry
+
+
+class RunError(RuntimeError):
+    """A problem that stops a run with a clear message (no traceback for the user)."""
+
+
+def _seed_for(*parts: int) -> int:
+    """A stable 63-bit seed from integers (per step, per epoch), independent of history."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+@dataclass
+class StepContext:
+    """What context-taking stages (the rollout) get from the runtime for one step."""
+
+    trainer: "Trainer"
+    step: int
+    micro_rows: list["torch.Tensor"] = field(default_factory=list)  # epoch-0 micro-batches, in update order
+
+    def next_prompts(self, dataset) -> list[Any]:
+        sampler = self.trainer.sampler_for(dataset)
+        return [dataset[i] for i in sampler.next(self.trainer.config.prompts_per_step)]
+
+    def engine(self, name: str, policy):
+        return self.trainer.engine(name, policy)
+
+    def complete(self, batch: RolloutBatch, policy, *, temperature: float) -> RolloutBatch:
+        return self.trainer.complete(batch, policy, temperature=temperature, micro_rows=self.micro_rows)
+
+
+def summarize(value: Any, mask: "torch.Tensor | None") -> dict[str, float]:
+    """mean, std, min, max and fraction zero of a (B,) or (B, T) value (valid tokens only)."""
+    if not torch.is_tensor(value) or value.numel() == 0:
+        return {}
+    v = value.detach().float()
+    if v.dim() == 2 and mask is not None and mask.shape == v.shape:
+        v = v[mask > 0]
+    elif v.dim() > 2:
+        return {}
+    v = v.flatten()
+    if v.numel() == 0:
+        return {}
+    finite = torch.isfinite(v)
+    out = {
+        "mean": float(v[finite].mean()) if finite.any() else float("nan"),
+        "std": float(v[finite].std(unbiased=False)) if finite.sum() > 1 else 0.0,
+        "min": float(v[finite].min()) if finite.any() else float("nan"),
+        "max": float(v[finite].max()) if finite.any() else float("nan"),
+        "frac_zero": float((v == 0).float().mean()),
+    }
+    if not finite.all():
+        out["frac_nonfinite"] = float((~finite).float().mean())
+    return out
+
+
+class Trainer:
+    def __init__(self, program: Program, plan: Plan, registry: Registry, config: TrainConfig, *,
+                 device: str = "auto", seed: int | None = None):
+        self.program, self.plan, self.registry, self.config = program, plan, registry, config
+        self.seed = config.seed if seed is None else seed
+        self.device_name = device
+        self.values: dict[str, Any] = {}
+        self.samplers: dict[int, PromptSampler] = {}
+        self.engines: dict[tuple[str, int], Any] = {}
+        self.reference = None
+        self.step_index = 0
+
+    # --- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        torch.manual_seed(self.seed)
+        use_cuda = self.device_name == "cuda" or (self.device_name == "auto" and torch.cuda.is_available())
+        if self.device_name == "cuda" and not torch.cuda.is_available():
+            raise RunError("--device cuda: no CUDA device is available")
+        precision = self.config.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = Accelerator(cpu=not use_cuda, mixed_precision=precision)
+        self.device = self.accelerator.device
+        run_nodes(self.program, self.plan.phases["setup"], self.values, self.registry)
+        policies = [n for n in self.plan.phases["setup"] if self.program.nodes[n].type.base == "Model"]
+        if len(policies) != 1:
+            raise RunError(f"a run trains exactly one model; this spec has {len(policies)}")
+        self.policy_node = policies[0]
+        self.policy = self.values[self.policy_node]
+        self.policy.model.to(self.device)
+        if "ref_logprobs" in self.program.needs:  # a frozen copy, only when a stage asks for it
+            self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
+        cfg = self.config
+        optimizer = torch.optim.AdamW(self.policy.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                      weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy.model, optimizer, scheduler)
+        self.rollout_nodes = [n for n in self.plan.phases["rollout"] if self.program.nodes[n].type.base == "Rollouts"]
+        if len(self.rollout_nodes) != 1:
+            raise RunError(f"a run needs exactly one rollout; this spec has {len(self.rollout_nodes)}")
+        self.rollout_node = self.rollout_nodes[0]
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.config
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    def sampler_for(self, dataset) -> PromptSampler:
+        key = id(dataset)
+        if key not in self.samplers:
+            self.samplers[key] = PromptSampler(len(dataset), self.seed)
+        return self.samplers[key]
+
+    def engine(self, name: str, policy):
+        if name not in ENGINES:
+            raise RunError(f"rollout engine '{name}' is not available in this installation "
+                           f"(available: {', '.join(ENGINES)})")
+        key = (name, id(policy))
+        if key not in self.engines:
+            self.engines[key] = ENGINES[name](policy, self.device)
+        return self.engines[key]
+
+    # --- rollout phase -------------------------------------------------------------------
+    def micro_batches(self, size: int, step: int, epoch: int) -> list[list["torch.Tensor"]]:
+        """Minibatches (each a list of micro-batch row sets) for one epoch of one step."""
+        gen = torch.Generator().manual_seed(_seed_for(self.seed, step, epoch))
+        perm = torch.randperm(size, generator=gen)
+        minis = [m for m in perm.tensor_split(self.config.minibatches) if m.numel()]
+        return [[r for r in m.tensor_split(self.config.grad_accum) if r.numel()] for m in minis]
+
+    @torch.no_grad()
+    def complete(self, batch: RolloutBatch, policy, *, temperature: float,
+                 micro_rows: list["torch.Tensor"]) -> RolloutBatch:
+        """Fill the needs of the graph on a fresh batch with trainer-side forward passes.
+
+        Behaviour log-probs are computed on the same micro-batches, in the same shapes, as the
+        first epoch of the update, so that the first ratio is exactly 1."""
+        needs = self.program.needs
+        B, T = batch.mask.shape
+        batch.logprobs = torch.zeros(B, T, device=batch.mask.device)
+        want_entropy, want_hidden = "entropy" in needs, "hidden_states" in needs
+        if want_entropy:
+            batch.entropy = torch.zeros(B, T, device=batch.mask.device)
+        hidden_rows = {}
+        model = self.accelerator.unwrap_model(self.model)
+        for rows in micro_rows or [torch.arange(B)]:
+            rows = rows.to(batch.mask.device)
+            stats = token_logprobs(model, batch.prompt_tokens[rows], batch.prompt_mask[rows],
+                                   batch.response_ids[rows], batch.mask[rows], temperature=temperature,
+                                   entropy=want_entropy, hidden=want_hidden)
+            batch.logprobs[rows] = stats.logprobs
+            if want_entropy:
+                batch.entropy[rows] = stats.entropy
+            if want_hidden:
+                hidden_rows[rows] = stats.hidden
+        if want_hidden:
+            H = next(iter(hidden_rows.values())).shape[-1]
+            hidden = torch.zeros(B, T, H, device=batch.mask.device)
+            for rows, h in hidden_rows.items():
+                hidden[rows] = h
+            batch.extra["hidden_states"] = hidden
+        if self.reference is not None:
+            batch.ref_logprobs = token_logprobs(self.reference, batch.prompt_tokens, batch.prompt_mask,
+                                                batch.response_ids, batch.mask, temperature=temperature).logprobs
+        task = batch.task
+        if getattr(task, "scorer", None) is not None:
+            batch.scores["task"] = torch.tensor([float(task.scorer(e, r)) for e, r in zip(batch.examples,
+                                                                                         batch.responses)])
+        return batch
+
+    def rollout_phase(self, step: int) -> tuple[dict[str, Any], RolloutBatch]:
+        values = dict(self.values)  # setup values (model, datasets)
+        rollout_params = self.program.nodes[self.rollout_node].params
+        size = self.config.prompts_per_step * int(rollout_params.get("n", 1))
+        ctx = StepContext(self, step, micro_rows=[r for mb in self.micro_batches(size, step, 0) for r in mb])
+        run_nodes(self.program, self.plan.phases["rollout"], values, self.registry, ctx=ctx)
+        batch = values[self.rollout_node]
+        if batch.size != size:
+            raise RunError(f"the rollout produced {batch.size} responses; expected {size}")
+        return values, batch
+
+    # --- update phase --------------------------------------------------------------------
+    def update_phase(self, step: int, values: dict[str, Any], batch: RolloutBatch) -> dict[str, float]:
+        program, cfg = self.program, self.config
+        update_nodes = list(self.plan.phases["update"])
+        rollout_values = {k: v for k, v in values.items() if k in set(self.plan.phases["rollout"])}
+        temperature = float(program.nodes[self.rollout_node].params.get("temperature", 1.0))
+        losses: dict[str, list[float]] = {}
+        approx_kl, ratios, grad_norms = [], [], []
+        self.model.train()
+        for epoch in range(cfg.ppo_epochs):
+            for minibatch in self.micro_batches(batch.size, step, epoch):
+                for rows in minibatch:
+                    rows = rows.to(batch.mask.device)
+                    mb = batch.select(rows)
+                    stats = token_logprobs(self.model, mb.prompt_tokens, mb.prompt_mask, mb.response_ids, mb.mask,
+                                           temperature=temperature)
+                    mb.extra["policy_logprobs"] = stats.logprobs
+                    mb_values = {k: _rows(v, rows, batch.size) for k, v in rollout_values.items()}
+                    mb_values[self.rollout_node] = mb
+                    run_nodes(program, update_nodes, mb_values, self.registry, mb.mask)
+                    loss = mb_values[self.plan.objective]
+                    if not torch.isfinite(loss):
+                        raise RunError(f"step {step}: the objective is {float(loss)}; stopping before it "
+                                       "corrupts the weights (the last checkpoint is intact)")
+                    self.accelerator.backward(loss / len(minibatch))
+                    for n in update_nodes:
+                        v = mb_values[n]
+                        if torch.is_tensor(v) and v.dim() == 0:
+                            losses.setdefault(n, []).append(float(v.detach()))
+                    with torch.no_grad():
+                        delta = (mb.logprobs - stats.logprobs.detach()) * mb.mask  # old − new
+                        tokens = mb.mask.sum().clamp(min=1)
+                        approx_kl.append(float(((torch.exp(-delta) + delta - 1) * mb.mask).sum() / tokens))
+                        ratios.append(float((torch.exp(-delta) * mb.mask).sum() / tokens))
+                if cfg.max_grad_norm is not None:
+                    norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    grad_norms.append(float(norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        metrics = {}
+        for n, vals in losses.items():
+            node = program.nodes[n]
+            key = f"objective/{node.binding}" if node.binding else f"node/{n}"
+            metrics[key] = sum(vals) / len(vals)
+        metrics["policy/approx_kl"] = sum(approx_kl) / max(1, len(approx_kl))
+        metrics["policy/ratio_mean"] = sum(ratios) / max(1, len(ratios))
+        if grad_norms:
+            metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    # --- one step ------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        torch.manual_seed(_seed_for(self.seed, step, 10**6))  # sampling depends on the step only
+        t0 = time.perf_counter()
+        values, batch = self.rollout_phase(step)
+        self.last_batch = batch
+        t1 = time.perf_counter()
+        metrics = self.rollout_metrics(values, batch)
+        metrics.update(self.update_phase(step, values, batch))
+        t2 = time.perf_counter()
+        tokens = float(batch.mask.sum() + batch.prompt_mask.sum())
+        metrics.update({
+            "perf/rollout_seconds": t1 - t0,
+            "perf/update_seconds": t2 - t1,
+            "perf/step_seconds": t2 - t0,
+            "perf/tokens_per_second": tokens / max(t2 - t0, 1e-9),
+        })
+        self.step_index = step + 1
+        return metrics
+
+    def rollout_metrics(self, values: dict[str, Any], batch: RolloutBatch) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for n in downstream_of(self.program, [self.rollout_node], self.plan.phases["rollout"]):
+            node = self.program.nodes[n]
+            prefix = f"{node.kind}/{node.binding}" if node.binding else f"node/{n}"
+            for stat, v in summarize(values[n], batch.mask).items():
+                metrics[f"{prefix}/{stat}"] = v
+        lengths = batch.mask.sum(-1)
+        metrics["rollout/response_length/mean"] = float(lengths.mean())
+        metrics["rollout/response_length/max"] = float(lengths.max())
+        metrics["rollout/truncated_frac"] = float(batch.truncated.float().mean())
+        metrics["rollout/responses"] = float(batch.size)
+        if batch.entropy is not None:
+            metrics["rollout/entropy/mean"] = float((batch.entropy * batch.mask).sum() / batch.mask.sum().clamp(min=1))
+        if batch.ref_logprobs is not None:
+            delta = (batch.logprobs - batch.ref_logprobs) * batch.mask
+            k3 = (torch.exp(-delta) + delta - 1) * batch.mask
+            metrics["policy/kl_ref/mean"] = float(k3.sum() / batch.mask.sum().clamp(min=1))
+        return metrics
+
+    # --- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, *, size: int, k: int = 1) -> dict[str, float]:
+        """Held-out greedy accuracy (and pass@k with k samples) using the spec's verifiers."""
+        data_node = next((src for _, src in self.program.nodes[self.rollout_node].inputs
+                          if self.program.nodes[src].type.base == "Dataset"), None)
+        verify = [n for n in self.plan.phases["rollout"] if self.program.nodes[n].kind == "verify"]
+        if data_node is None or not verify:
+            return {}
+        node = self.program.nodes[data_node]
+        if "split" not in node.params:
+            return {}
+        test = self.registry[node.stage].fn(**{**node.params, "split": "test"})
+        examples = list(test.examples[:size])
+        if not examples:
+            return {}
+        params = self.program.nodes[self.rollout_node].params
+        engine = self.engine(params.get("engine", "generate"), self.policy)
+        metrics = {}
+        greedy = engine.generate(examples, n=1, max_new_tokens=params["max_new_tokens"], temperature=1.0,
+                                 top_p=1.0, top_k=0, greedy=True)
+        metrics["eval/accuracy"] = self._verify_mean(greedy, test, verify[0])
+        if k > 1:
+            sampled = engine.generate(examples, n=k, max_new_tokens=params["max_new_tokens"],
+                                      temperature=params["temperature"], top_p=params["top_p"],
+                                      top_k=params["top_k"])
+            scores = self._verify_values(sampled, test, verify[0]).view(len(examples), k)
+            metrics[f"eval/pass@{k}"] = float((scores > 0.5).any(-1).float().mean())
+        return metrics
+
+    def _verify_values(self, batch: RolloutBatch, task, verify_node: str) -> "torch.Tensor":
+        batch.task = task
+        wanted = _ancestors(self.program, verify_node, stop=set(self.rollout_nodes))
+        order = [n for n in self.plan.phases["rollout"] if n in wanted]
+        values = dict(self.values)
+        values[self.rollout_node] = batch
+        run_nodes(self.program, order, values, self.registry, batch.mask)
+        return values[verify_node].float()
+
+    def _verify_mean(self, batch, task, verify_node) -> float:
+        return float(self._verify_values(batch, task, verify_node).mean())
+
+    # --- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step_index,
+            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "samplers": {str(i): s.state_dict() for i, s in enumerate(self._ordered_samplers())},
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for sampler, s in zip(self._ordered_samplers(), state["samplers"].values()):
+            sampler.load_state_dict(s)
+        torch.set_rng_state(state["rng"]["torch"])
+        self.step_index = state["step"]
+
+    def _ordered_samplers(self) -> list[PromptSampler]:
+        """Samplers in the order of the data nodes of the plan (stable across processes)."""
+        out = []
+        for n in self.plan.phases["setup"]:
+            v = self.values.get(n)
+            if self.program.nodes[n].type.base == "Dataset":
+                out.append(self.sampler_for(v))
+        return out
+
+
+def _rows(value: Any, rows: "torch.Tensor", size: int) -> Any:
+    """The micro-batch's rows of a rollout-phase value: (B, ...) tensors and batches are sliced."""
+    if isinstance(value, RolloutBatch):
+        return value.select(rows)
+    if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == size:
+        return value.index_select(0, rows)
+    return value
+
+
+def _ancestors(program: Program, node_id: str, stop: set[str]) -> set[str]:
+    out, stack = set(), [node_id]
+    while stack:
+        n = stack.pop()
+        if n in out or n in stop:
+            continue
+        out.add(n)
+        stack.extend(src for _, src in program.nodes[n].inputs)
+    return out
