@@ -97,6 +97,7 @@ class Trainer:
         self.engines: dict[tuple[str, int], Any] = {}
         self.reference = None
         self.step_index = 0
+        self.nonfinite_scores = 0
 
     # --- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -200,8 +201,12 @@ class Trainer:
                                                 batch.response_ids, batch.mask, temperature=temperature).logprobs
         task = batch.task
         if getattr(task, "scorer", None) is not None:
-            batch.scores["task"] = torch.tensor([float(task.scorer(e, r)) for e, r in zip(batch.examples,
-                                                                                         batch.responses)])
+            scores = torch.tensor([float(task.scorer(e, r)) for e, r in zip(batch.examples, batch.responses)])
+            bad = ~torch.isfinite(scores)
+            if bad.any():  # a scorer's NaN must not poison the step: count it and score it 0
+                self.nonfinite_scores += int(bad.sum())
+                scores = torch.where(bad, torch.zeros_like(scores), scores)
+            batch.scores["task"] = scores
         return batch
 
     def rollout_phase(self, step: int) -> tuple[dict[str, Any], RolloutBatch]:
@@ -223,9 +228,10 @@ class Trainer:
         temperature = float(program.nodes[self.rollout_node].params.get("temperature", 1.0))
         losses: dict[str, list[float]] = {}
         approx_kl, ratios, grad_norms = [], [], []
+        first_deviation = None  # max |ρ − 1| on the first minibatch: 0 unless behaviour log-probs are off
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
-            for minibatch in self.micro_batches(batch.size, step, epoch):
+            for mb_index, minibatch in enumerate(self.micro_batches(batch.size, step, epoch)):
                 for rows in minibatch:
                     rows = rows.to(batch.mask.device)
                     mb = batch.select(rows)
@@ -249,6 +255,9 @@ class Trainer:
                         tokens = mb.mask.sum().clamp(min=1)
                         approx_kl.append(float(((torch.exp(-delta) + delta - 1) * mb.mask).sum() / tokens))
                         ratios.append(float((torch.exp(-delta) * mb.mask).sum() / tokens))
+                        if epoch == 0 and mb_index == 0:
+                            dev = float(((torch.exp(-delta) - 1).abs() * mb.mask).max())
+                            first_deviation = max(first_deviation or 0.0, dev)
                 if cfg.max_grad_norm is not None:
                     norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                     grad_norms.append(float(norm))
@@ -262,6 +271,7 @@ class Trainer:
             metrics[key] = sum(vals) / len(vals)
         metrics["policy/approx_kl"] = sum(approx_kl) / max(1, len(approx_kl))
         metrics["policy/ratio_mean"] = sum(ratios) / max(1, len(ratios))
+        metrics["policy/first_ratio_deviation"] = first_deviation or 0.0
         if grad_norms:
             metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
@@ -272,7 +282,7 @@ class Trainer:
         torch.manual_seed(_seed_for(self.seed, step, 10**6))  # sampling depends on the step only
         t0 = time.perf_counter()
         values, batch = self.rollout_phase(step)
-        self.last_batch = batch
+        self.last_batch, self.last_values = batch, values
         t1 = time.perf_counter()
         metrics = self.rollout_metrics(values, batch)
         metrics.update(self.update_phase(step, values, batch))
@@ -299,6 +309,7 @@ class Trainer:
         metrics["rollout/response_length/max"] = float(lengths.max())
         metrics["rollout/truncated_frac"] = float(batch.truncated.float().mean())
         metrics["rollout/responses"] = float(batch.size)
+        metrics["rollout/nonfinite_scores"] = float(self.nonfinite_scores)
         if batch.entropy is not None:
             metrics["rollout/entropy/mean"] = float((batch.entropy * batch.mask).sum() / batch.mask.sum().clamp(min=1))
         if batch.ref_logprobs is not None:
