@@ -8,7 +8,7 @@ values over tokens. Values follow the type shapes: Signal/Advantage[seq] are (B,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from shapeflow._lazy import torch
 from shapeflow.compiler.check import Node, Program
@@ -68,10 +68,12 @@ def run_nodes(
     registry: Registry,
     mask: "Tensor | None" = None,
     ctx: Any = None,
+    check: "Callable[[Node, Any], Any] | None" = None,
 ) -> dict[str, Any]:
     """Compute ``order``'s nodes into ``values`` (which holds their inputs already).
 
-    Stages declared with ``context=True`` also get ``ctx`` (the runtime's step context)."""
+    Stages declared with ``context=True`` also get ``ctx`` (the runtime's step context);
+    ``check(node, value)``, when given, sees (and may replace) every stage's output."""
     for node_id in order:
         node = program.nodes[node_id]
         args = [values[src] for _, src in node.inputs]
@@ -82,6 +84,8 @@ def run_nodes(
                 values[node_id] = st.fn(*args, **node.params, **extra)
             except Exception as exc:  # reported with the spec line; the caller decides to stop
                 raise StageError(node, exc) from exc
+            if check is not None:
+                values[node_id] = check(node, values[node_id])
         else:
             values[node_id] = apply_op(node, args, mask)
     return values

@@ -98,6 +98,7 @@ class Trainer:
         self.reference = None
         self.step_index = 0
         self.nonfinite_scores = 0
+        self.nonfinite: dict[str, int] = {}  # signal binding -> responses whose value was NaN/inf
 
     # --- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -214,11 +215,24 @@ class Trainer:
         rollout_params = self.program.nodes[self.rollout_node].params
         size = self.config.prompts_per_step * int(rollout_params.get("n", 1))
         ctx = StepContext(self, step, micro_rows=[r for mb in self.micro_batches(size, step, 0) for r in mb])
-        run_nodes(self.program, self.plan.phases["rollout"], values, self.registry, ctx=ctx)
+        run_nodes(self.program, self.plan.phases["rollout"], values, self.registry, ctx=ctx,
+                  check=self._finite_signals)
         batch = values[self.rollout_node]
         if batch.size != size:
             raise RunError(f"the rollout produced {batch.size} responses; expected {size}")
         return values, batch
+
+    def _finite_signals(self, node, value):
+        """A verifier or reward that yields NaN/inf for some responses: those get 0 and are
+        counted (`rollout/nonfinite/<node>`), so one bad response cannot poison the step."""
+        if node.type.base != "Signal" or not torch.is_tensor(value) or not value.is_floating_point():
+            return value
+        bad = ~torch.isfinite(value)
+        if not bad.any():
+            return value
+        key = node.binding or node.id
+        self.nonfinite[key] = self.nonfinite.get(key, 0) + int(bad.sum())
+        return torch.where(bad, torch.zeros_like(value), value)
 
     # --- update phase --------------------------------------------------------------------
     def update_phase(self, step: int, values: dict[str, Any], batch: RolloutBatch) -> dict[str, float]:
@@ -310,6 +324,8 @@ class Trainer:
         metrics["rollout/truncated_frac"] = float(batch.truncated.float().mean())
         metrics["rollout/responses"] = float(batch.size)
         metrics["rollout/nonfinite_scores"] = float(self.nonfinite_scores)
+        for key, count in self.nonfinite.items():
+            metrics[f"rollout/nonfinite/{key}"] = float(count)
         if batch.entropy is not None:
             metrics["rollout/entropy/mean"] = float((batch.entropy * batch.mask).sum() / batch.mask.sum().clamp(min=1))
         if batch.ref_logprobs is not None:

@@ -1,0 +1,157 @@
+"""The runtime on the builtin model: exact first ratio, record → replay, resume after SIGKILL, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shapeflow.compiler.pipeline import build_plan, compile_spec
+from shapeflow.runtime.replay import batch_records, replay
+from shapeflow.runtime.trainer import Trainer
+from shapeflow.stdlib.registry import default_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+GRPO = ROOT / "specs" / "grpo.shape"
+SMALL = ["train.prompts_per_step=4", "group_size=4", "train.checkpoint_every=2", "train.eval_size=16"]
+
+
+def trainer_for(*sets: str) -> Trainer:
+    result = compile_spec(GRPO, sets=[*SMALL, *sets])
+    assert result.ok, result.diagnostics
+    _, plan = build_plan(result.program)
+    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
+    trainer.setup()
+    return trainer
+
+
+def test_first_minibatch_ratio_is_exactly_one_and_later_ones_move():
+    trainer = trainer_for("train.minibatches=2", "train.grad_accum=2", "train.ppo_epochs=2", "train.lr=1e-3")
+    metrics = trainer.train_step(0)
+    assert metrics["policy/first_ratio_deviation"] == 0.0
+    assert metrics["policy/approx_kl"] > 0.0  # the second minibatch sees updated weights
+    for key in ("verify/correct/mean", "reward/r/mean", "advantage/adv/std", "objective/loss", "node/loss#1",
+                "policy/kl_ref/mean", "optim/lr", "optim/grad_norm", "rollout/response_length/mean"):
+        assert key in metrics, key
+
+
+def test_record_then_replay_reproduces_the_runs_advantages(tmp_path):
+    trainer = trainer_for()
+    records = []
+    for step in range(2):
+        trainer.train_step(step)
+        records.append((trainer.last_values, batch_records(trainer.last_batch, step)))
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for _, recs in records for r in recs))
+    out = io.StringIO()
+    replay(trainer.program, path, out)
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    expected = [(v["adv"][i].item(), v["correct"][i].item()) for v, recs in records for i in range(len(recs))]
+    assert [(line["signals"]["adv"], line["signals"]["correct"]) for line in lines] == expected
+    lengths = [r["length"] for _, recs in records for r in recs]
+    assert [len(line["advantages"]) for line in lines] == lengths
+
+
+def test_nonfinite_signals_are_zeroed_and_counted():
+    trainer = trainer_for()
+    import torch
+
+    node = trainer.program.nodes["correct"]
+    fixed = trainer._finite_signals(node, torch.tensor([1.0, float("nan"), float("inf"), 0.0]))
+    assert fixed.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert trainer.nonfinite == {"correct": 2}
+
+
+def shapeflow(*argv: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "shapeflow.cli", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, **kw)
+
+
+def _run_args(out: Path, steps: int) -> list[str]:
+    args = ["run", str(GRPO), "--steps", str(steps), "--out", str(out), "--tracking", "none", "--device", "cpu"]
+    for s in SMALL:
+        args += ["--set", s]
+    return args
+
+
+def _weights(run_dir: Path):
+    import torch
+
+    final = sorted((run_dir / "checkpoints").iterdir())[-1]
+    return torch.load(final / "state.pt", weights_only=False)["model"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    steps = 6
+    straight = tmp_path / "straight"
+    done = shapeflow(*_run_args(straight, steps), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "shapeflow.cli", *_run_args(killed, steps)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline:  # wait until step 3 is written (checkpoint at 2 exists), then kill
+        if metrics.is_file() and sum(1 for line in metrics.read_text().splitlines()
+                                     if json.loads(line)["step"] >= 0) >= 4:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints").is_dir()
+    resumed = shapeflow(*_run_args(killed, steps), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = _weights(straight), _weights(killed)
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a), "weights differ after resume"
+    steps_seen = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert [s for s in steps_seen if 0 <= s < steps] == list(range(steps))  # no duplicate, no gap
+    straight_rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    killed_rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    key = "objective/loss"
+    assert [r.get(key) for r in straight_rows if r["step"] >= 0] == [r.get(key) for r in killed_rows if r["step"] >= 0]
+
+
+@pytest.mark.slow
+def test_run_folder_eval_and_bad_model_path(tmp_path):
+    out = tmp_path / "run"
+    done = shapeflow(*_run_args(out, 3), "--record", str(tmp_path / "rec.jsonl"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for name in ("spec.shape", "graph.json", "resolved.json", "metrics.jsonl", "summary.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [-1, 0, 1, 2, 3]
+    assert "eval/accuracy" in rows[0] and "eval/pass@4" in rows[-1]
+    assert {p.name for p in (out / "plots").iterdir()} >= {"reward.png", "accuracy.png", "kl.png"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "FINISHED" and summary["last_step"] == 3
+    assert "held-out greedy accuracy:" in done.stdout
+    recorded = [json.loads(x) for x in (tmp_path / "rec.jsonl").read_text().splitlines()]
+    assert len(recorded) == 3 * 16 and {r["step"] for r in recorded} == {0, 1, 2}
+    assert set(recorded[0]) >= {"prompt_id", "response", "answer", "logprobs", "ref_logprobs", "length"}
+
+    evaluated = shapeflow("eval", str(GRPO), "--checkpoint", str(out), "--k", "2", "--size", "16", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert set(result) == {"checkpoint", "eval/accuracy", "eval/pass@2"}
+
+    bad = tmp_path / "bad.shape"
+    bad.write_text(GRPO.read_text().replace('"builtin:arith-tiny"', '"no/such/model"'))
+    failed = shapeflow("run", str(bad), "--steps", "1", "--out", str(tmp_path / "bad"), "--tracking", "none",
+                       cwd=tmp_path)
+    assert failed.returncode == 1
+    assert "bad.shape:11:21: 'models.causal_lm' (binding 'policy') failed: model path 'no/such/model' is not " \
+           "a folder" in failed.stderr
+    assert "Traceback" not in failed.stderr
