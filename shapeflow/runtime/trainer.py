@@ -123,8 +123,10 @@ class Trainer:
         if "ref_logprobs" in self.program.needs:  # a frozen copy, only when a stage asks for it
             self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
         cfg = self.config
-        optimizer = torch.optim.AdamW(self.policy.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                      weight_decay=cfg.weight_decay)
+        params = list(self.policy.model.parameters())
+        fused = all(p.dtype == torch.float32 for p in params)  # one kernel per step: much faster on CPU
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                      fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy.model, optimizer, scheduler)
         self.rollout_nodes = [n for n in self.plan.phases["rollout"] if self.program.nodes[n].type.base == "Rollouts"]
