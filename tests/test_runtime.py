@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import json
 import os
 import signal
@@ -155,3 +156,25 @@ def test_run_folder_eval_and_bad_model_path(tmp_path):
     assert "bad.shape:11:21: 'models.causal_lm' (binding 'policy') failed: model path 'no/such/model' is not " \
            "a folder" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.slow
+def test_a_training_step_on_smollm2_through_the_runtime():
+    """The real pretrained builtin, chat-formatted prompts, one GRPO step with a reference model."""
+    result = compile_spec(ROOT / "specs" / "smollm2_arith.shape",
+                          sets=["train.prompts_per_step=2", "group_size=2", "groups.max_new_tokens=8"])
+    assert result.ok, result.diagnostics
+    _, plan = build_plan(result.program)
+    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
+    trainer.setup()
+    before = {k: v.detach().clone() for k, v in trainer.policy.model.named_parameters() if "layers.0.mlp" in k}
+    metrics = trainer.train_step(0)
+    assert trainer.last_batch.size == 4
+    assert trainer.last_batch.prompts[0].endswith("=")  # the task prompt; the chat template wraps it
+    assert metrics["policy/first_ratio_deviation"] == 0.0
+    assert all(math.isfinite(v) for v in metrics.values())
+    after = dict(trainer.policy.model.named_parameters())
+    changed = [k for k in before if not (before[k] == after[k].detach()).all()]
+    # with all-equal rewards the advantage is 0 and only the KL term moves the weights (it is 0 on step 0)
+    if metrics["advantage/adv/frac_zero"] < 1.0:
+        assert changed

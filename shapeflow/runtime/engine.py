@@ -72,19 +72,24 @@ class GenerateEngine:
     def __init__(self, policy: "Policy", device):
         self.policy, self.device = policy, device
 
-    def encode_prompts(self, prompts: list[str]) -> tuple["Tensor", "Tensor"]:
+    def encode_prompts(self, prompts: list[str], chat: bool = False) -> tuple["Tensor", "Tensor"]:
         tok = self.policy.tokenizer
         tok.padding_side = "left"
-        enc = tok(prompts, return_tensors="pt", padding=True)
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise ValueError("chat = true, but the tokenizer has no chat template")
+            prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     @torch.no_grad()
     def generate(self, examples: list[Any], *, n: int, max_new_tokens: int, temperature: float,
-                 top_p: float, top_k: int, greedy: bool = False) -> RolloutBatch:
+                 top_p: float, top_k: int, greedy: bool = False, chat: bool = False) -> RolloutBatch:
         """``n`` responses for each example (one batched call); responses of one example are adjacent."""
         policy = self.policy
         model = policy.model
-        prompt_tokens, prompt_mask = self.encode_prompts([e.prompt for e in examples])
+        prompt_tokens, prompt_mask = self.encode_prompts([e.prompt for e in examples], chat=chat)
         prompt_tokens = prompt_tokens.repeat_interleave(n, dim=0)  # (B, P), B = len(examples) * n
         prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
         was_training = model.training

@@ -355,13 +355,14 @@ class Trainer:
         params = self.program.nodes[self.rollout_node].params
         engine = self.engine(params.get("engine", "generate"), self.policy)
         metrics = {}
+        chat = bool(params.get("chat", False))
         greedy = engine.generate(examples, n=1, max_new_tokens=params["max_new_tokens"], temperature=1.0,
-                                 top_p=1.0, top_k=0, greedy=True)
+                                 top_p=1.0, top_k=0, greedy=True, chat=chat)
         metrics["eval/accuracy"] = self._verify_mean(greedy, test, verify[0])
         if k > 1:
             sampled = engine.generate(examples, n=k, max_new_tokens=params["max_new_tokens"],
                                       temperature=params["temperature"], top_p=params["top_p"],
-                                      top_k=params["top_k"])
+                                      top_k=params["top_k"], chat=chat)
             scores = self._verify_values(sampled, test, verify[0]).view(len(examples), k)
             metrics[f"eval/pass@{k}"] = float((scores > 0.5).any(-1).float().mean())
         return metrics

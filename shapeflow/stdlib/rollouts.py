@@ -28,6 +28,8 @@ class SampleParams(StageParams):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 disables it).")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 disables it).")
     engine: Literal["generate", "vllm"] = Field("generate", description="The rollout engine.")
+    chat: bool = Field(False, description="Format each prompt as one user turn with the tokenizer's chat "
+                       "template (for instruct models); false feeds the prompt text as it is.")
 
 
 @stage(
@@ -40,7 +42,7 @@ class SampleParams(StageParams):
     engine_param="engine",
     context=True,
 )
-def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, engine, ctx):
+def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, engine, chat, ctx):
     """Sample ``n`` responses for each prompt of the step; responses of one prompt form a group.
 
     Records the sampled tokens, their behaviour log-probs (at ``temperature``, exactly as the
@@ -48,7 +50,7 @@ def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, eng
     """
     examples = ctx.next_prompts(prompts)
     batch = ctx.engine(engine, policy).generate(
-        examples, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k
+        examples, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, chat=chat
     )
     batch.task = prompts
     return ctx.complete(batch, policy, temperature=temperature)
