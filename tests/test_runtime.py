@@ -178,3 +178,17 @@ def test_a_training_step_on_smollm2_through_the_runtime():
     # with all-equal rewards the advantage is 0 and only the KL term moves the weights (it is 0 on step 0)
     if metrics["advantage/adv/frac_zero"] < 1.0:
         assert changed
+
+
+def test_reusing_the_update_forward_as_the_behaviour_pass_changes_nothing():
+    """On-policy single-update runs skip the separate behaviour forward; the weights after two
+    steps are bit-identical to the run that computes it separately."""
+    fast, slow = trainer_for(), trainer_for()
+    assert fast.behaviour_from_update
+    slow.behaviour_from_update = False
+    for step in range(2):
+        a, b = fast.train_step(step), slow.train_step(step)
+        assert a["objective/loss"] == b["objective/loss"]
+        assert (fast.last_batch.logprobs == slow.last_batch.logprobs).all()
+    wa, wb = fast.policy.model.state_dict(), slow.policy.model.state_dict()
+    assert all((wa[k] == wb[k]).all() for k in wa)

@@ -486,14 +486,19 @@ class FlakyClient:
 def test_failures_mid_run_warn_once_and_three_in_a_row_turn_tracking_off(capsys):
     t = MlflowTracker("http://tracking.invalid")
     t.run_id, t.tracking_uri, t._client = "rid", "http://tracking.invalid", FlakyClient()
-    t.log_metrics({"a": 1.0}, 0)  # failure 1: the warning
-    t.log_metrics({"a": 1.0}, 1)  # failure 2: silent
+
+    def log(metrics, step):  # metrics are sent by a background thread: wait for each here
+        t.log_metrics(metrics, step)
+        t.flush()
+
+    log({"a": 1.0}, 0)  # failure 1: the warning
+    log({"a": 1.0}, 1)  # failure 2: silent
     t._client.fail = False
-    t.log_metrics({"a": 1.0, "b": 2.0}, 2)  # a success resets the count
+    log({"a": 1.0, "b": 2.0}, 2)  # a success resets the count
     t._client.fail = True
     for step in (3, 4, 5):  # three in a row: off
-        t.log_metrics({"a": 1.0}, step)
-    t.log_metrics({"a": 1.0}, 6)  # not sent
+        log({"a": 1.0}, step)
+    log({"a": 1.0}, 6)  # not sent
     t.finish()  # not sent either
     t.finish()
     assert t._client.calls == ["batch:1", "batch:1", "batch:2", "batch:1", "batch:1", "batch:1"]

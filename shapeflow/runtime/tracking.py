@@ -73,6 +73,7 @@ MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 MAX_KEY_LENGTH = 250
 MAX_PARAMS_TAGS_PER_BATCH = 100
+SEND_EVERY_S = 2.0  # metrics are batched this long before one write to MLflow
 MAX_METRICS_PER_BATCH = 1000
 
 _TRUNCATED = "...(truncated)"
@@ -389,6 +390,9 @@ class MlflowTracker(Tracker):
         self._warned = False
         self._failures = 0
         self._finished = False
+        self._sender = None  # one background thread sends metrics, so a step never waits on MLflow
+        self._pending: list = []  # metrics not handed to the sender yet (one send per ~2 s, not per step)
+        self._pending_since = 0.0
         self._key_cache: dict[str, str] = {}
         self._collision_warned = False
         self._skip_warned = False
@@ -613,11 +617,44 @@ class MlflowTracker(Tracker):
                 origin[k] = key
                 batch[k] = v
             items = [Metric(k, v, ts, step) for k, v in batch.items()]
+        except Exception as exc:  # noqa: BLE001
+            self._fail(f"logging metrics of step {step}", exc)
+            return
+        if not self._pending:
+            self._pending_since, self._pending_first = time.monotonic(), step
+        self._pending.extend(items)
+        self._pending_last = step
+        if len(self._pending) >= MAX_METRICS_PER_BATCH or time.monotonic() - self._pending_since > SEND_EVERY_S:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        items, self._pending = self._pending, []
+        if not items:
+            return
+        first, last = self._pending_first, self._pending_last
+        step = first if first == last else f"{first}-{last}"
+        if self._sender is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shapeflow-mlflow")
+        self._sender.submit(self._send_metrics, items, step)
+
+    def _send_metrics(self, items, step) -> None:
+        if not self.active:
+            return
+        try:
             for i in range(0, len(items), MAX_METRICS_PER_BATCH):
                 self._client.log_batch(self.run_id, metrics=items[i:i + MAX_METRICS_PER_BATCH])
             self._ok()
         except Exception as exc:  # noqa: BLE001
             self._fail(f"logging metrics of step {step}", exc)
+
+    def flush(self) -> None:
+        """Send what is pending and wait until it has been sent (or given up on)."""
+        self._hand_over()
+        if self._sender is not None:
+            self._sender.shutdown(wait=True)
+            self._sender = None
 
     def log_artifact(self, path, artifact_path=None):
         if not self.active:
@@ -636,6 +673,7 @@ class MlflowTracker(Tracker):
 
     def finish(self, status="FINISHED"):
         _check_status(status)
+        self.flush()
         if self._finished or self.run_id is None or self._client is None:
             self._finished = True
             return

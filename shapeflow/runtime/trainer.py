@@ -133,6 +133,15 @@ class Trainer:
         if len(self.rollout_nodes) != 1:
             raise RunError(f"a run needs exactly one rollout; this spec has {len(self.rollout_nodes)}")
         self.rollout_node = self.rollout_nodes[0]
+        # On-policy with one optimizer step per rollout, the update's own first forward *is* the
+        # behaviour pass (same weights, same micro-batches): reuse it instead of running it twice,
+        # unless a rollout-phase stage needs token statistics before the update.
+        rollout_needs = set().union(*(self.program.nodes[n].needs for n in self.plan.phases["rollout"]))
+        self.behaviour_from_update = (
+            self.config.ppo_epochs == 1 and self.config.minibatches == 1
+            and not rollout_needs & {"logprobs", "entropy", "hidden_states"}
+            and not {"entropy", "hidden_states"} & set(self.program.needs)
+        )
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.config
@@ -183,7 +192,8 @@ class Trainer:
             batch.entropy = torch.zeros(B, T, device=batch.mask.device)
         hidden_rows = {}
         model = self.accelerator.unwrap_model(self.model)
-        for rows in micro_rows or [torch.arange(B)]:
+        # (skipped when the update's first forward doubles as the behaviour pass)
+        for rows in (micro_rows or [torch.arange(B)]) if not self.behaviour_from_update else []:
             rows = rows.to(batch.mask.device)
             stats = token_logprobs(model, batch.prompt_tokens[rows], batch.prompt_mask[rows],
                                    batch.response_ids[rows], batch.mask[rows], temperature=temperature,
@@ -253,6 +263,9 @@ class Trainer:
                     mb = batch.select(rows)
                     stats = token_logprobs(self.model, mb.prompt_tokens, mb.prompt_mask, mb.response_ids, mb.mask,
                                            temperature=temperature)
+                    if self.behaviour_from_update:  # the behaviour pass, computed once, here
+                        mb.logprobs = stats.logprobs.detach()
+                        batch.logprobs[rows] = mb.logprobs
                     mb.extra["policy_logprobs"] = stats.logprobs
                     mb_values = {k: _rows(v, rows, batch.size) for k, v in rollout_values.items()}
                     mb_values[self.rollout_node] = mb
@@ -300,9 +313,9 @@ class Trainer:
         values, batch = self.rollout_phase(step)
         self.last_batch, self.last_values = batch, values
         t1 = time.perf_counter()
-        metrics = self.rollout_metrics(values, batch)
-        metrics.update(self.update_phase(step, values, batch))
+        metrics = self.update_phase(step, values, batch)
         t2 = time.perf_counter()
+        metrics.update(self.rollout_metrics(values, batch))  # after the update: behaviour log-probs are final
         tokens = float(batch.mask.sum() + batch.prompt_mask.sum())
         metrics.update({
             "perf/rollout_seconds": t1 - t0,
