@@ -12,6 +12,7 @@ Engines only sample tokens. Each is registered under the name a spec gives to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable
 
 from shapeflow._lazy import torch
@@ -30,6 +31,34 @@ class TokenStats:
     hidden: "Tensor | None" = None  # (B, T, H) last-layer hidden state
 
 
+def new_cache(model):
+    """An empty key/value cache for ``model``, filled in place by each forward it is given to."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def with_cache(model, cache) -> dict[str, Any]:
+    """The keyword a model's forward takes its cache by: `cache` (transformers 5.2x) or
+    `past_key_values` (earlier releases)."""
+    return {_cache_keyword(type(getattr(model, "module", model))): cache}  # a DDP wrapper's module
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword(model_type: type) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
+def unique_prompts(prompt_tokens: "Tensor") -> tuple["Tensor", "Tensor"]:
+    """(U,) a row holding each distinct prompt, and (B,) the index of each row's prompt."""
+    _, inverse = torch.unique(prompt_tokens, dim=0, return_inverse=True)
+    first = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=inverse.device)
+    first.scatter_(0, inverse, torch.arange(len(inverse), device=inverse.device))
+    return first, inverse
+
+
 def token_logprobs(
     model,
     prompt_tokens: "Tensor",
@@ -44,16 +73,24 @@ def token_logprobs(
     """Log π(y_t | x, y_<t) of each response token under ``model`` at ``temperature``.
 
     Shapes: prompt (B, P) left-padded, response (B, T) right-padded. Position ids follow the
-    attention mask, as `generate` assigns them, so a left-padded prompt sees the same
-    positions here as when it was sampled.
+    attention mask, as `generate` assigns them. The responses of one prompt share it: each
+    distinct prompt is run once and its key/value cache is repeated for its responses (with a
+    group of 8, most of the prompt compute disappears); gradients flow through the shared
+    prompt as through separate copies. The computation depends only on the rows given, so
+    the rollout and the update get identical values for the same rows.
     """
-    input_ids = torch.cat([prompt_tokens, response_ids], dim=1)  # (B, P+T)
-    attention = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
-    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                output_hidden_states=hidden, use_cache=False)
     P = prompt_tokens.shape[1]
-    logits = out.logits[:, P - 1 : -1, :].float() / temperature  # (B, T, V) predicts response tokens
+    attention = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)  # (B, P+T)
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    first, inverse = unique_prompts(prompt_tokens)
+    cache = new_cache(model)
+    prefix = model(input_ids=prompt_tokens[first], attention_mask=prompt_mask[first],
+                   position_ids=positions[first, :P], use_cache=True, **with_cache(model, cache))
+    cache.reorder_cache(inverse)  # (U, ...) -> (B, ...): each response reads its prompt's keys/values
+    out = model(input_ids=response_ids, attention_mask=attention, position_ids=positions[:, P:],
+                use_cache=True, output_hidden_states=hidden, **with_cache(model, cache))
+    logits = torch.cat([prefix.logits[inverse, -1:, :], out.logits[:, :-1, :]], dim=1)  # (B, T, V)
+    logits = logits.float() / temperature
     logz = torch.logsumexp(logits, dim=-1)  # (B, T)
     chosen = logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     mask = response_mask.to(logits.dtype)
@@ -62,8 +99,25 @@ def token_logprobs(
         probs = torch.softmax(logits, dim=-1)
         stats.entropy = (logz - (probs * logits).sum(-1)) * mask
     if hidden:
-        stats.hidden = out.hidden_states[-1][:, P:, :] * mask.unsqueeze(-1)
+        stats.hidden = out.hidden_states[-1] * mask.unsqueeze(-1)
     return stats
+
+
+def sample_next(logits: "Tensor", *, temperature: float, top_p: float, top_k: int, greedy: bool) -> "Tensor":
+    """One token per row from (B, V) logits: argmax, or a sample of softmax(logits / T) after
+    top-k and top-p filtering (the same temperature the log-probs use)."""
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
 
 
 class GenerateEngine:
@@ -86,30 +140,46 @@ class GenerateEngine:
     @torch.no_grad()
     def generate(self, examples: list[Any], *, n: int, max_new_tokens: int, temperature: float,
                  top_p: float, top_k: int, greedy: bool = False, chat: bool = False) -> RolloutBatch:
-        """``n`` responses for each example (one batched call); responses of one example are adjacent."""
+        """``n`` responses for each example; responses of one example are adjacent.
+
+        A sampling loop with a key/value cache: each prompt is run once and its cache repeated
+        for its ``n`` responses; decoding stops when every response has ended."""
         policy = self.policy
         model = policy.model
-        prompt_tokens, prompt_mask = self.encode_prompts([e.prompt for e in examples], chat=chat)
-        prompt_tokens = prompt_tokens.repeat_interleave(n, dim=0)  # (B, P), B = len(examples) * n
-        prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
+        eos, pad = policy.eos_token_id, policy.pad_token_id
+        unique_tokens, unique_mask = self.encode_prompts([e.prompt for e in examples], chat=chat)  # (E, P)
+        repeat = torch.arange(len(examples), device=unique_tokens.device).repeat_interleave(n)  # (B,)
+        prompt_tokens, prompt_mask = unique_tokens[repeat], unique_mask[repeat]
         was_training = model.training
         model.eval()
-        out = model.generate(
-            input_ids=prompt_tokens,
-            attention_mask=prompt_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=not greedy,
-            temperature=temperature if not greedy else None,
-            top_p=top_p if not greedy else None,
-            top_k=top_k if not greedy else None,
-            pad_token_id=policy.pad_token_id,
-            eos_token_id=policy.eos_token_id,
-        )
+        positions = (unique_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = new_cache(model)
+        kw = with_cache(model, cache)
+        out = model(input_ids=unique_tokens, attention_mask=unique_mask, position_ids=positions, use_cache=True, **kw)
+        cache.reorder_cache(repeat)
+        logits = out.logits[repeat, -1, :]
+        next_pos = positions[repeat, -1] + 1  # (B,)
+        attention = prompt_mask
+        B = len(repeat)
+        done = torch.zeros(B, dtype=torch.bool, device=repeat.device)
+        tokens = []
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            tokens.append(nxt)
+            done = done | (nxt == eos)
+            if bool(done.all()):
+                break
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            out = model(input_ids=nxt[:, None], attention_mask=attention, position_ids=next_pos[:, None],
+                        use_cache=True, **kw)
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
         model.train(was_training)
-        response_ids, mask, truncated = split_responses(out[:, prompt_tokens.shape[1]:], policy.eos_token_id,
-                                                        policy.pad_token_id)
+        generated = torch.stack(tokens, dim=1) if tokens else torch.empty(B, 0, dtype=torch.long)
+        response_ids, mask, truncated = split_responses(generated, eos, pad)
         rows = [e for e in examples for _ in range(n)]
-        texts = policy.tokenizer.batch_decode(response_ids * mask.long() + policy.pad_token_id * (1 - mask.long()),
+        texts = policy.tokenizer.batch_decode(torch.where(mask, response_ids, torch.full_like(response_ids, pad)),
                                               skip_special_tokens=True)
         prompt_ids = [e.id for e in rows]
         return RolloutBatch(
