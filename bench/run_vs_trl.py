@@ -20,7 +20,8 @@ Where the time goes, for both:
     rollout   shapeflow: `perf/rollout_seconds` (sampling, behaviour and reference log-probs,
               verify, reward, advantage); TRL: `_generate_and_score_completions` (the same work,
               without a separate behaviour log-prob pass, see below)
-    generate  the Hugging Face `model.generate` call alone, for both (a wrapper on the policy model)
+    generate  the sampling call alone: shapeflow's `GenerateEngine.generate` (its own key/value-cache
+              loop, each prompt prefilled once per group), TRL's Hugging Face `model.generate`
     update    step - rollout (loss forward/backward, clip, optimizer step, metrics)
     cycle     wall time from the start of one step to the start of the next (adds TRL's
               logging and data loading, and shapeflow's nothing)
@@ -174,8 +175,8 @@ def run_shapeflow(program, plan, warmup: int, steps: int, profile: int = 0) -> d
     trainer = Trainer(program, plan, default_registry(), config, device="cpu")
     trainer.setup()
     setup_s = time.perf_counter() - t_setup
-    model = trainer.policy.model
-    generate = model.generate = Timed(model.generate)  # instance attribute: the engine calls model.generate
+    engine = trainer.engine("generate", trainer.policy)  # the instance the rollout stage will use
+    generate = engine.generate = Timed(engine.generate)
     rows, profiler = [], None
     last_start = None
     for step in range(warmup + steps):
@@ -198,7 +199,7 @@ def run_shapeflow(program, plan, warmup: int, steps: int, profile: int = 0) -> d
         })
     if profiler is not None:
         profiler.disable()
-    del model.generate
+    del engine.generate
     out = {"setup_s": setup_s, "rows": rows[warmup:], "threads": torch.get_num_threads()}
     if profiler is not None:
         out["profile"] = profiler
