@@ -192,3 +192,30 @@ def test_reusing_the_update_forward_as_the_behaviour_pass_changes_nothing():
         assert (fast.last_batch.logprobs == slow.last_batch.logprobs).all()
     wa, wb = fast.policy.model.state_dict(), slow.policy.model.state_dict()
     assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_shared_prompt_forward_equals_a_full_forward():
+    """Each prompt runs once per group with its cache repeated; the log-probs, entropies and
+    hidden states are those of running every prompt + response in full."""
+    import torch
+
+    from shapeflow.runtime.engine import token_logprobs
+
+    trainer = trainer_for()
+    trainer.train_step(0)
+    b, model = trainer.last_batch, trainer.policy.model
+    with torch.no_grad():
+        shared = token_logprobs(model, b.prompt_tokens, b.prompt_mask, b.response_ids, b.mask,
+                                temperature=0.7, entropy=True, hidden=True)
+        ids = torch.cat([b.prompt_tokens, b.response_ids], 1)
+        attention = torch.cat([b.prompt_mask, b.mask.long()], 1)
+        out = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                    output_hidden_states=True)
+        P = b.prompt_tokens.shape[1]
+        logits = out.logits[:, P - 1 : -1].float() / 0.7
+        full = (logits.gather(-1, b.response_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)) * b.mask
+        entropy = (logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)) * b.mask
+        hidden = out.hidden_states[-1][:, P:] * b.mask[..., None]
+    assert torch.allclose(shared.logprobs, full, atol=1e-5, rtol=0)
+    assert torch.allclose(shared.entropy, entropy, atol=1e-5, rtol=0)
+    assert torch.allclose(shared.hidden, hidden, atol=1e-5, rtol=0)
