@@ -219,3 +219,14 @@ def test_shared_prompt_forward_equals_a_full_forward():
     assert torch.allclose(shared.logprobs, full, atol=1e-5, rtol=0)
     assert torch.allclose(shared.entropy, entropy, atol=1e-5, rtol=0)
     assert torch.allclose(shared.hidden, hidden, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_demo_raises_held_out_accuracy_by_twenty_points(tmp_path):
+    """`make demo`'s run: specs/grpo.shape as it stands, on the builtin model."""
+    done = shapeflow("run", str(GRPO), "--out", str(tmp_path / "demo"), "--tracking", "none", cwd=tmp_path,
+                     timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    before, after = summary["eval_before"]["eval/accuracy"], summary["eval_after"]["eval/accuracy"]
+    assert after - before >= 0.20 or after >= 0.90, (before, after)
