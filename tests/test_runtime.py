@@ -39,7 +39,8 @@ def test_first_minibatch_ratio_is_exactly_one_and_later_ones_move():
     assert metrics["policy/first_ratio_deviation"] == 0.0
     assert metrics["policy/approx_kl"] > 0.0  # the second minibatch sees updated weights
     for key in ("verify/correct/mean", "reward/r/mean", "advantage/adv/std", "objective/loss", "node/loss#1",
-                "policy/kl_ref/mean", "optim/lr", "optim/grad_norm", "rollout/response_length/mean"):
+                "policy/kl_ref/mean", "optim/lr", "optim/grad_norm", "rollout/response_length/mean",
+                "policy/entropy/mean"):
         assert key in metrics, key
 
 
@@ -135,7 +136,8 @@ def test_run_folder_eval_and_bad_model_path(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [-1, 0, 1, 2, 3]
     assert "eval/accuracy" in rows[0] and "eval/pass@4" in rows[-1]
-    assert {p.name for p in (out / "plots").iterdir()} >= {"reward.png", "accuracy.png", "kl.png"}
+    assert {p.name for p in (out / "plots").iterdir()} >= {"reward.png", "accuracy.png", "kl.png", "entropy.png",
+                                                          "response_length.png", "advantages.png"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "FINISHED" and summary["last_step"] == 3
     assert "held-out greedy accuracy:" in done.stdout

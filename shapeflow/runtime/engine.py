@@ -72,6 +72,8 @@ def token_logprobs(
 ) -> TokenStats:
     """Log π(y_t | x, y_<t) of each response token under ``model`` at ``temperature``.
 
+    ``entropy`` adds the full-vocabulary token entropy, as a statistic (no gradient).
+
     Shapes: prompt (B, P) left-padded, response (B, T) right-padded. Position ids follow the
     attention mask, as `generate` assigns them. The responses of one prompt share it: each
     distinct prompt is run once and its key/value cache is repeated for its responses (with a
@@ -96,8 +98,9 @@ def token_logprobs(
     mask = response_mask.to(logits.dtype)
     stats = TokenStats(logprobs=(chosen - logz) * mask)
     if entropy:
-        probs = torch.softmax(logits, dim=-1)
-        stats.entropy = (logz - (probs * logits).sum(-1)) * mask
+        with torch.no_grad():
+            detached = logits.detach()
+            stats.entropy = (logz.detach() - (torch.softmax(detached, dim=-1) * detached).sum(-1)) * mask
     if hidden:
         stats.hidden = out.hidden_states[-1] * mask.unsqueeze(-1)
     return stats

@@ -253,7 +253,7 @@ class Trainer:
         rollout_values = {k: v for k, v in values.items() if k in set(self.plan.phases["rollout"])}
         temperature = float(program.nodes[self.rollout_node].params.get("temperature", 1.0))
         losses: dict[str, list[float]] = {}
-        approx_kl, ratios, grad_norms = [], [], []
+        approx_kl, ratios, grad_norms, entropies = [], [], [], []
         first_deviation = None  # max |ρ − 1| on the first minibatch: 0 unless behaviour log-probs are off
         self.model.train()
         for epoch in range(cfg.ppo_epochs):
@@ -262,7 +262,7 @@ class Trainer:
                     rows = rows.to(batch.mask.device)
                     mb = batch.select(rows)
                     stats = token_logprobs(self.model, mb.prompt_tokens, mb.prompt_mask, mb.response_ids, mb.mask,
-                                           temperature=temperature)
+                                           temperature=temperature, entropy=epoch == 0)
                     if self.behaviour_from_update:  # the behaviour pass, computed once, here
                         mb.logprobs = stats.logprobs.detach()
                         batch.logprobs[rows] = mb.logprobs
@@ -283,6 +283,8 @@ class Trainer:
                         delta = (mb.logprobs - stats.logprobs.detach()) * mb.mask  # old − new
                         tokens = mb.mask.sum().clamp(min=1)
                         approx_kl.append(float(((torch.exp(-delta) + delta - 1) * mb.mask).sum() / tokens))
+                        if stats.entropy is not None:
+                            entropies.append(float(stats.entropy.sum() / tokens))
                         ratios.append(float((torch.exp(-delta) * mb.mask).sum() / tokens))
                         if epoch == 0 and mb_index == 0:
                             dev = float(((torch.exp(-delta) - 1).abs() * mb.mask).max())
@@ -301,6 +303,8 @@ class Trainer:
         metrics["policy/approx_kl"] = sum(approx_kl) / max(1, len(approx_kl))
         metrics["policy/ratio_mean"] = sum(ratios) / max(1, len(ratios))
         metrics["policy/first_ratio_deviation"] = first_deviation or 0.0
+        if entropies:  # the current policy's token entropy on the step's responses (first epoch)
+            metrics["policy/entropy/mean"] = sum(entropies) / len(entropies)
         if grad_norms:
             metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
