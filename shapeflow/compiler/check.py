@@ -566,6 +566,7 @@ class Checker:
             if node.op == "stage" and self.reg[node.stage].engine_param:
                 st = self.reg[node.stage]
                 prog.engines[node.id] = node.params[st.engine_param]
+        self.engines = prog.engines
         for node in self.nodes.values():
             if not node.needs:
                 continue
@@ -589,7 +590,7 @@ class Checker:
                 continue
             seen.add(nid)
             node = self.nodes[nid]
-            if node.op == "stage" and nid != node_id and node.type.base == "Rollouts":
+            if nid != node_id and nid in self.engines:  # a generating stage: where the needs come from
                 out.append(nid)
                 continue
             stack.extend(src for _, src in node.inputs)

@@ -69,10 +69,12 @@ def token_logprobs(
     temperature: float,
     entropy: bool = False,
     hidden: bool = False,
+    entropy_grad: bool = False,
 ) -> TokenStats:
     """Log π(y_t | x, y_<t) of each response token under ``model`` at ``temperature``.
 
-    ``entropy`` adds the full-vocabulary token entropy, as a statistic (no gradient).
+    ``entropy`` adds the full-vocabulary token entropy, as a statistic (no gradient) unless
+    ``entropy_grad`` asks for it to be differentiable (an entropy bonus in the loss).
 
     Shapes: prompt (B, P) left-padded, response (B, T) right-padded. Position ids follow the
     attention mask, as `generate` assigns them. The responses of one prompt share it: each
@@ -97,7 +99,9 @@ def token_logprobs(
     chosen = logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     mask = response_mask.to(logits.dtype)
     stats = TokenStats(logprobs=(chosen - logz) * mask)
-    if entropy:
+    if entropy_grad:
+        stats.entropy = (logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)) * mask
+    elif entropy:
         with torch.no_grad():
             detached = logits.detach()
             stats.entropy = (logz.detach() - (torch.softmax(detached, dim=-1) * detached).sum(-1)) * mask

@@ -225,7 +225,7 @@ def replay(
     from shapeflow.compiler.pipeline import build_plan
 
     _, plan = build_plan(program)
-    rollout_nodes = [n for n in plan.phases["rollout"] if program.nodes[n].type.base == "Rollouts"]
+    rollout_nodes = [n for n in plan.phases["rollout"] if n in program.engines]  # the generating stages
     nodes = downstream_of(program, rollout_nodes, plan.phases["rollout"])
     needs = set().union(*(program.nodes[n].needs for n in nodes)) if nodes else set()
     adv_node = _choose_advantage(program, nodes, advantage)

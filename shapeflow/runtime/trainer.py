@@ -129,7 +129,7 @@ class Trainer:
                                       fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy.model, optimizer, scheduler)
-        self.rollout_nodes = [n for n in self.plan.phases["rollout"] if self.program.nodes[n].type.base == "Rollouts"]
+        self.rollout_nodes = [n for n in self.plan.phases["rollout"] if n in self.program.engines]
         if len(self.rollout_nodes) != 1:
             raise RunError(f"a run needs exactly one rollout; this spec has {len(self.rollout_nodes)}")
         self.rollout_node = self.rollout_nodes[0]
@@ -252,6 +252,7 @@ class Trainer:
         update_nodes = list(self.plan.phases["update"])
         rollout_values = {k: v for k, v in values.items() if k in set(self.plan.phases["rollout"])}
         temperature = float(program.nodes[self.rollout_node].params.get("temperature", 1.0))
+        entropy_grad = "policy_entropy" in program.needs  # a loss term on the current policy's entropy
         losses: dict[str, list[float]] = {}
         approx_kl, ratios, grad_norms, entropies = [], [], [], []
         first_deviation = None  # max |ρ − 1| on the first minibatch: 0 unless behaviour log-probs are off
@@ -262,13 +263,21 @@ class Trainer:
                     rows = rows.to(batch.mask.device)
                     mb = batch.select(rows)
                     stats = token_logprobs(self.model, mb.prompt_tokens, mb.prompt_mask, mb.response_ids, mb.mask,
-                                           temperature=temperature, entropy=epoch == 0)
+                                           temperature=temperature, entropy=epoch == 0, entropy_grad=entropy_grad)
                     if self.behaviour_from_update:  # the behaviour pass, computed once, here
                         mb.logprobs = stats.logprobs.detach()
                         batch.logprobs[rows] = mb.logprobs
-                    mb.extra["policy_logprobs"] = stats.logprobs
+                    current = {"policy_logprobs": stats.logprobs}
+                    if entropy_grad:
+                        current["policy_entropy"] = stats.entropy
+                    mb.extra.update(current)
                     mb_values = {k: _rows(v, rows, batch.size) for k, v in rollout_values.items()}
                     mb_values[self.rollout_node] = mb
+                    for v in mb_values.values():  # batches derived in the rollout phase share the rows
+                        if isinstance(v, RolloutBatch):
+                            if self.behaviour_from_update:
+                                v.logprobs = mb.logprobs
+                            v.extra.update(current)
                     run_nodes(program, update_nodes, mb_values, self.registry, mb.mask)
                     loss = mb_values[self.plan.objective]
                     if not torch.isfinite(loss):

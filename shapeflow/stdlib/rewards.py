@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shapeflow._lazy import torch
 from shapeflow.runtime.batch import MissingNeed
@@ -32,3 +32,44 @@ def recorded(groups, *, key):
         known = ", ".join(sorted(scores)) or "none"
         raise MissingNeed(f"no recorded score '{key}' (recorded scores: {known})")
     return scores[key].to(torch.float32)
+
+
+class OverlongParams(StageParams):
+    max_len: int = Field(description="L_max: the response length limit (verl max_response_length).", ge=1)
+    cache_len: int = Field(description="L_cache: the soft-penalty zone before L_max (verl overlong_buffer.len).",
+                           ge=1)
+    penalty_factor: float = Field(1.0, ge=0, description="Scale of the penalty (verl overlong_buffer.penalty_factor).")
+    floor: bool = Field(False, description="The paper's reading: −1 for responses longer than L_max. The code "
+                        "(default) has no floor; generation truncates at L_max, so it rarely matters.")
+
+    @model_validator(mode="after")
+    def _cache_within_limit(self):
+        if self.cache_len > self.max_len:
+            raise ValueError("cache_len must be at most max_len")
+        return self
+
+
+@stage(
+    "rewards.overlong_penalty",
+    kind="reward",
+    inputs={"groups": "Rollouts"},
+    output="Signal[seq]",
+    params=OverlongParams,
+    paper="Yu et al., DAPO, arXiv:2503.14476 (overlong reward shaping); as verl reward_manager/dapo.py (catalog B3)",
+)
+def overlong_penalty(groups, *, max_len, cache_len, penalty_factor, floor):
+    """DAPO's soft overlong punishment, added to the task reward.
+
+        exceed_i = |y_i| − (L_max − L_cache)
+        R_len,i  = min(−exceed_i / L_cache · penalty_factor, 0)      (verl's code)
+        R_len,i  = −1  where |y_i| > L_max                            (floor = true: the paper)
+
+    Use it as ``reward r = correct + rewards.overlong_penalty(groups, max_len = 20, cache_len = 8)``.
+    Example (L_max 20, L_cache 8): lengths 12, 13, 16, 20 give 0, −0.125, −0.5, −1.0.
+    """
+    lengths = groups.mask.sum(-1)  # (B,)
+    exceed = lengths - (max_len - cache_len)
+    penalty = torch.clamp(-exceed / cache_len * penalty_factor, max=0.0)
+    if floor:
+        penalty = torch.where(lengths > max_len, torch.full_like(penalty, -1.0), penalty)
+    return penalty.to(torch.float32)

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from shapeflow._lazy import torch
 from shapeflow.stdlib.registry import REGISTRY, StageParams, stage
 
 REGISTRY.add_engine(
@@ -54,3 +55,26 @@ def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, eng
     )
     batch.task = prompts
     return ctx.complete(batch, policy, temperature=temperature)
+
+
+@stage(
+    "rollouts.drop_truncated",
+    kind="rollout",
+    inputs={"groups": "Rollouts"},
+    output="Rollouts",
+    needs=("truncated",),
+    paper="Yu et al., DAPO, arXiv:2503.14476 (overlong filtering); TRL mask_truncated_completions (catalog B3)",
+)
+def drop_truncated(groups):
+    """The same rollouts with every truncated response masked out of the loss.
+
+        m'_{i,t} = m_{i,t} · 1[response i ended with end-of-sequence]
+
+    A response that hit the length limit contributes nothing to a loss computed on the result
+    (nor to token-mean denominators), as TRL's ``mask_truncated_completions``; rewards and
+    advantages computed from the original ``groups`` are unchanged. Pass the result to the
+    loss: ``losses.ppo_clip(adv, rollouts.drop_truncated(groups))``.
+    """
+    kept = groups.select(torch.arange(groups.size, device=groups.mask.device))
+    kept.mask = groups.mask * (~groups.need("truncated")).to(groups.mask.dtype)[:, None]
+    return kept
