@@ -211,7 +211,8 @@ def cmd_replay(args) -> int:
 
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
-        replay(result.program, Path(args.rollouts), out, advantage=args.advantage)
+        replay(result.program, Path(args.rollouts), out, advantage=args.advantage, objective=args.objective,
+               report=sys.stderr)
     except ReplayError as exc:
         print(f"shapeflow replay: {exc}", file=sys.stderr)
         return EXIT_ERRORS
@@ -353,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="write results here instead of standard output")
     p.add_argument("--advantage", metavar="BINDING", help="which advantage binding to report (default: the one "
                    "the objective uses)")
+    p.add_argument("--objective", action="store_true", help="also evaluate the objective on the recorded "
+                   "extra.policy_logprobs: per-token loss terms and the gradient for each line, the loss on stderr")
     _add_spec_options(p)
     p.set_defaults(fn=cmd_replay)
     return parser

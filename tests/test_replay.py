@@ -145,3 +145,56 @@ def test_replay_spec_with_errors_exits_one(capsys, tmp_path):
     spec.write_text(RECORDED_SPEC.replace("grpo(", "grop("))
     code, lines, err = replay(capsys, str(spec), "--rollouts", str(write_jsonl(tmp_path / "r.jsonl", CATALOG_ROWS)))
     assert code == 1 and "error[E201]" in err
+
+
+OBJECTIVE_SPEC = """
+model     policy  = models.causal_lm("builtin:arith-tiny")
+data      prompts = tasks.arithmetic()
+rollout   groups  = rollouts.sample(policy, prompts, n = 2)
+reward    r       = rewards.recorded(groups, key = "acc")
+advantage adv     = grpo(r, groups, norm_by_std = false)
+objective loss    = losses.ppo_clip(adv, groups, eps_low = 0.2, eps_high = 0.2, clip_c = none)
+                  + 0.5 * losses.kl(groups, estimator = "k1")
+"""
+
+
+def test_replay_objective_reports_terms_gradient_and_loss(capsys, tmp_path):
+    """Two responses of one prompt; rewards 1 and 0 give advantages +0.5 and −0.5.
+
+    Row 0 (A = +0.5): log-ratios 0 and log 1.5 → ρ = 1 and 1.5 (clipped at 1.2): terms −0.5, −0.6.
+    Row 1 (A = −0.5): one token, log-ratio 0 → term 0.5.  token-mean PPO = (−0.5 − 0.6 + 0.5) / 3 = −0.2.
+    KL k1 = policy − ref: (0.1, 0.2, −0.3) → token-mean 0, times 0.5 → objective −0.2.
+    Gradient of the PPO part: −A·ρ/3 on unclipped tokens, 0 on the clipped one; KL adds 0.5/3.
+    """
+    import math
+
+    rows = [
+        {"prompt_id": "q", "scores": {"acc": 1}, "logprobs": [-1.0, -1.0], "ref_logprobs": [-1.1, -(1.0 - math.log(1.5)) - 0.2],
+         "extra": {"policy_logprobs": [-1.0, -1.0 + math.log(1.5)]}},
+        {"prompt_id": "q", "scores": {"acc": 0}, "logprobs": [-2.0], "ref_logprobs": [-1.7],
+         "extra": {"policy_logprobs": [-2.0]}},
+    ]
+    spec = tmp_path / "s.shape"
+    spec.write_text(OBJECTIVE_SPEC)
+    rollouts = write_jsonl(tmp_path / "r.jsonl", rows)
+    code = main(["replay", str(spec), "--rollouts", str(rollouts), "--objective"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert lines[0]["loss_terms"]["loss#1"] == pytest.approx([-0.5, -0.6], rel=1e-6)
+    assert lines[1]["loss_terms"]["loss#1"] == pytest.approx([0.5], rel=1e-6)
+    assert lines[0]["loss_terms"]["loss#2"] == pytest.approx([0.1, 0.2], rel=1e-5)
+    assert lines[0]["grad_policy_logprobs"] == pytest.approx([-0.5 / 3 + 0.5 / 3, 0.0 + 0.5 / 3], rel=1e-5)
+    assert lines[1]["grad_policy_logprobs"] == pytest.approx([0.5 / 3 + 0.5 / 3], rel=1e-5)
+    assert err.startswith("objective (all lines, 2 responses): ")
+    assert float(err.split(": ")[1]) == pytest.approx(-0.2, rel=1e-6)
+
+
+def test_replay_objective_without_policy_logprobs_names_the_field(capsys, tmp_path):
+    spec = tmp_path / "s.shape"
+    spec.write_text(OBJECTIVE_SPEC)
+    rows = [{"prompt_id": "q", "scores": {"acc": 1}, "logprobs": [-1.0], "ref_logprobs": [-1.0]}]
+    code = main(["replay", str(spec), "--rollouts", str(write_jsonl(tmp_path / "r.jsonl", rows)), "--objective"])
+    _, err = capsys.readouterr()
+    assert code == 1
+    assert "line 1: the spec needs 'extra.policy_logprobs' (current-policy log-probs (update phase))" in err

@@ -217,9 +217,16 @@ def replay(
     *,
     advantage: str | None = None,
     registry: Registry | None = None,
+    objective: bool = False,
+    report: IO[str] | None = None,
 ) -> None:
     """Evaluate the rollout-phase nodes on each recorded step's lines (one batch per `step`
-    value; a file without `step` fields is one batch) and write one line per input line."""
+    value; a file without `step` fields is one batch) and write one line per input line.
+
+    With ``objective``, the update-phase nodes run too, on the recorded current-policy
+    log-probs (``extra.policy_logprobs``): each line gains the per-token terms of every loss
+    stage and the gradient of the aggregated objective with respect to each of its
+    ``policy_logprobs``; the aggregated objective of each batch goes to ``report``."""
     registry = registry or default_registry()
     records = read_records(rollouts)
     from shapeflow.compiler.pipeline import build_plan
@@ -227,34 +234,56 @@ def replay(
     _, plan = build_plan(program)
     rollout_nodes = [n for n in plan.phases["rollout"] if n in program.engines]  # the generating stages
     nodes = downstream_of(program, rollout_nodes, plan.phases["rollout"])
-    needs = set().union(*(program.nodes[n].needs for n in nodes)) if nodes else set()
+    update = list(plan.phases["update"]) if objective else []
+    needs = set().union(*(program.nodes[n].needs for n in nodes + update)) if nodes else set()
     adv_node = _choose_advantage(program, nodes, advantage)
     steps: dict[Any, list[dict[str, Any]]] = {}
     for rec in records:
         steps.setdefault(rec.get("step"), []).append(rec)
     results: dict[int, str] = {}
-    for group in steps.values():
-        for rec, line in zip(group, _evaluate(program, group, needs, nodes, rollout_nodes, adv_node, registry)):
-            results[rec["_line"]] = line
+    for step, group in steps.items():
+        lines = _evaluate(program, group, needs, nodes, rollout_nodes, adv_node, registry, update, plan.objective)
+        for rec, (line, loss) in zip(group, lines):
+            results[rec["_line"]] = json.dumps(line)
+        if update and report is not None:
+            where = f"step {step}" if step is not None else "all lines"
+            report.write(f"objective ({where}, {len(group)} responses): {loss:.10g}\n")
     for rec in records:
         out.write(results[rec["_line"]] + "\n")
 
 
-def _evaluate(program, records, needs, nodes, rollout_nodes, adv_node, registry) -> list[str]:
+def _evaluate(program, records, needs, nodes, rollout_nodes, adv_node, registry, update=(), objective=None):
     batch = build_batch(records, needs)
     values: dict[str, Any] = {n: batch for n in rollout_nodes}
+    policy = None
+    if update:  # the recorded current-policy log-probs become the leaf the gradient is taken for
+        policy = batch.extra["policy_logprobs"].clone().requires_grad_(True)
+        batch.extra["policy_logprobs"] = policy
     try:
         run_nodes(program, nodes, values, registry, batch.mask)
+        if update:
+            for v in list(values.values()):  # batches derived in the rollout phase see the same leaf
+                if isinstance(v, RolloutBatch):
+                    v.extra["policy_logprobs"] = policy
+            run_nodes(program, update, values, registry, batch.mask)
     except StageError as exc:
         cause = exc.cause
         detail = str(cause) if isinstance(cause, MissingNeed) else f"{type(cause).__name__}: {cause}"
         raise ReplayError(f"{exc.node.span.file}:{exc.node.span.line}: '{exc.node.stage}' failed on the "
                           f"recorded rollouts: {detail}") from None
+    loss = None
+    grad = None
+    if update:
+        total = values[objective]
+        (grad,) = torch.autograd.grad(total, policy, allow_unused=True)
+        grad = torch.zeros_like(policy) if grad is None else grad
+        loss = float(total.detach())
     shown = [
         (name, node_id)
         for name, node_id in program.bindings.items()
         if node_id in values and program.nodes[node_id].type.base in ("Signal", "Advantage")
     ]
+    terms = {n: values[n].terms for n in update if getattr(values[n], "terms", None) is not None}
     lengths = batch.mask.sum(-1).long().tolist()
     adv = values[adv_node]
     lines = []
@@ -266,7 +295,10 @@ def _evaluate(program, records, needs, nodes, rollout_nodes, adv_node, registry)
             "advantages": [a] * n if isinstance(a, float) else a,
             "signals": {name: _row(values[node_id], i, n) for name, node_id in shown},
         }
-        lines.append(json.dumps(line))
+        if update:
+            line["loss_terms"] = {program.nodes[k].binding or k: _row(t.detach(), i, n) for k, t in terms.items()}
+            line["grad_policy_logprobs"] = _row(grad, i, n)
+        lines.append((line, loss))
     return lines
 
 

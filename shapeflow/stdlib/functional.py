@@ -64,16 +64,19 @@ def aggregate(loss: "Tensor", mask: "Tensor", mode: str, loss_scale_factor: floa
     """
     lm = torch.where(mask > 0, loss, torch.zeros_like(loss))
     if mode == "token-mean":
-        return lm.sum() / mask.sum().clamp(min=1)
-    if mode == "seq-mean-token-sum-norm":
+        out = lm.sum() / mask.sum().clamp(min=1)
+    elif mode == "seq-mean-token-sum-norm":
         norm = float(loss_scale_factor) if loss_scale_factor is not None else float(mask.shape[-1])
-        return lm.sum() / norm
-    lengths = mask.sum(-1)
-    rows = (lengths > 0).to(loss.dtype)
-    if mode == "seq-mean-token-sum":
-        per_seq = lm.sum(-1)
-    elif mode == "seq-mean-token-mean":
-        per_seq = lm.sum(-1) / (lengths + 1e-8)
+        out = lm.sum() / norm
     else:
-        raise ValueError(f"unknown aggregation mode {mode!r}")
-    return (per_seq * rows).sum() / rows.sum().clamp(min=1)
+        lengths = mask.sum(-1)
+        rows = (lengths > 0).to(loss.dtype)
+        if mode == "seq-mean-token-sum":
+            per_seq = lm.sum(-1)
+        elif mode == "seq-mean-token-mean":
+            per_seq = lm.sum(-1) / (lengths + 1e-8)
+        else:
+            raise ValueError(f"unknown aggregation mode {mode!r}")
+        out = (per_seq * rows).sum() / rows.sum().clamp(min=1)
+    out.terms = lm  # the per-token terms, for `replay --objective` (not used by training)
+    return out
