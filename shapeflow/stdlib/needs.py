@@ -34,6 +34,7 @@ NEEDS: dict[str, Need] = {
         Need("hidden_states", "vec", "extra.hidden_states", "last-layer hidden states of the response tokens"),
         Need("ref_logprobs", "tok", "ref_logprobs", "reference-model log-probs of the sampled tokens", "trainer"),
         Need("policy_logprobs", "tok", "extra.policy_logprobs", "current-policy log-probs (update phase)", "trainer"),
+        Need("policy_entropy", "tok", "extra.policy_entropy", "current-policy token entropy (update phase, with gradient)", "trainer"),
     )
 }
 
