@@ -232,3 +232,18 @@ def test_the_demo_raises_held_out_accuracy_by_twenty_points(tmp_path):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     before, after = summary["eval_before"]["eval/accuracy"], summary["eval_after"]["eval/accuracy"]
     assert after - before >= 0.20 or after >= 0.90, (before, after)
+
+
+def test_an_entropy_bonus_gets_the_current_policys_entropy_with_its_gradient(tmp_path):
+    spec = tmp_path / "ent.shape"
+    spec.write_text('spec ent { cite = "verl entropy_coeff (catalog B17)"  extends = "grpo.shape" }\n'
+                    "objective loss = losses.ppo_clip(adv, groups) - 0.01 * losses.entropy_bonus(groups)\n")
+    result = compile_spec(spec, search=[ROOT / "specs"], sets=SMALL)
+    assert result.ok, result.diagnostics
+    assert "policy_entropy" in result.program.needs
+    _, plan = build_plan(result.program)
+    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
+    trainer.setup()
+    metrics = trainer.train_step(0)
+    entropy_term = next(v for k, v in metrics.items() if k.startswith("node/loss#") and v > 0.1)
+    assert entropy_term == pytest.approx(metrics["policy/entropy/mean"], rel=1e-5)
