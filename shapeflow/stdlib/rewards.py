@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from shapeflow._lazy import torch
@@ -73,3 +75,37 @@ def overlong_penalty(groups, *, max_len, cache_len, penalty_factor, floor):
     if floor:
         penalty = torch.where(lengths > max_len, torch.full_like(penalty, -1.0), penalty)
     return penalty.to(torch.float32)
+
+
+class KlPenaltyParams(StageParams):
+    estimator: Literal["k1", "k2", "k3", "abs"] = Field(
+        "k1", description="k1 = Δ (verl's algorithm.kl_penalty default 'kl'); k2 = Δ²/2; k3 = exp(−Δ) + Δ − 1; abs = |Δ|."
+    )
+
+
+@stage(
+    "rewards.kl_penalty",
+    kind="reward",
+    inputs={"groups": "Rollouts"},
+    output="Signal[tok]",
+    params=KlPenaltyParams,
+    needs=("logprobs", "ref_logprobs"),
+    paper="Ouyang et al., InstructGPT (KL in the reward), arXiv:2203.02155; as verl use_kl_in_reward (catalog B16)",
+)
+def kl_penalty(groups, *, estimator):
+    """Per-token KL between the behaviour policy and the reference, to subtract from a reward.
+
+        kl_{i,t} = k(log π_old(y_t) − log π_ref(y_t))       (zero on padding)
+
+    verl's ``use_kl_in_reward`` with a fixed coefficient β:
+    ``reward r = signals.at_last_token(correct, groups) - 0.001 * rewards.kl_penalty(groups)``
+    (an adaptive β needs state across steps and arrives with stateful stages). Computed in
+    the rollout phase from the behaviour log-probs, so it carries no gradient. Example:
+    log-probs [−1.0, −2.0] against a reference [−1.5, −1.0] give k1 [0.5, −1.0].
+    """
+    from shapeflow.stdlib.losses import kl_estimate
+
+    mask = groups.mask
+    logp = torch.where(mask > 0, groups.need("logprobs"), torch.zeros_like(mask))
+    ref = torch.where(mask > 0, groups.need("ref_logprobs"), torch.zeros_like(mask))
+    return kl_estimate(logp, ref, estimator) * mask

@@ -30,3 +30,20 @@ def entropy(groups):
     """
     entropy = groups.need("entropy")
     return torch.where(groups.mask > 0, entropy, torch.zeros_like(entropy))
+
+
+@stage("signals.at_last_token", kind="signal", inputs={"values": "Signal[seq]", "groups": "Rollouts"},
+       output="Signal[tok]")
+def at_last_token(values, groups):
+    """A per-response value placed on the response's last token, zero elsewhere.
+
+        s_{i,t} = v_i · 1[t = |y_i| − 1]
+
+    How verl writes an outcome score into token rewards (``token_level_rewards[i, T_i − 1]``),
+    so that a token-level reward such as ``signals.at_last_token(correct, groups) − 0.001 *
+    rewards.kl_penalty(groups)`` keeps the score on one token. Example: v = [1, 2], masks
+    [[1, 1, 0], [1, 0, 0]] give [[0, 1, 0], [2, 0, 0]].
+    """
+    from shapeflow.stdlib.functional import place_at_last_token
+
+    return place_at_last_token(values.to(torch.float32), groups.mask)
