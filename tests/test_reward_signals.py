@@ -32,4 +32,4 @@ def test_kl_in_the_reward_with_reinforce_pp_keeps_the_score_on_one_token():
     batch = make_batch([0, 1], [[1, 1], [1, 1]], logprobs=[[-1.0, -1.0], [-1.0, -1.0]],
                        ref_logprobs=[[-1.5, -1.0], [-1.0, -0.5]])
     r = call("signals.at_last_token", torch.tensor([1.0, 0.0]), batch) - 0.1 * call("rewards.kl_penalty", batch)
-    assert r.tolist() == pytest.approx([[-0.05, 1.0], [0.0, 0.05]])
+    assert r.flatten().tolist() == pytest.approx([-0.05, 1.0, 0.0, 0.05])
