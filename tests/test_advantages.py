@@ -674,3 +674,20 @@ def test_gdpo_composes_in_a_spec(tmp_path):
 def test_importing_the_stages_does_not_import_torch():
     code = "import sys, shapeflow.stdlib.advantages, shapeflow.stdlib.functional; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_remax_worked_example():
+    """Outcome rewards [1, 0] of one prompt whose greedy response scored 1; lengths 2 and 1."""
+    from conftest import call, make_batch
+
+    batch = make_batch([0, 0], [[1, 1], [1, 0]], extra={"greedy_baseline": [1.0, 1.0]})
+    got = call("remax", torch.tensor([1.0, 0.0]), batch)
+    assert got.tolist() == [[0.0, 0.0], [-1.0, 0.0]]
+
+
+def test_remax_token_rewards_use_the_reward_to_go():
+    from conftest import call, make_batch
+
+    batch = make_batch([0], [[1, 1, 1]], extra={"greedy_baseline": [0.5]})
+    got = call("remax", torch.tensor([[0.1, 0.2, 0.7]]), batch)
+    assert got[0].tolist() == pytest.approx([0.5, 0.4, 0.2])

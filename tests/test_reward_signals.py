@@ -27,7 +27,7 @@ def test_kl_penalty_per_token_with_padding_zero(estimator, expected):
     assert got[0].tolist() == pytest.approx(expected, rel=1e-6)
 
 
-def test_kl_in_the_reward_with_reinforce_pp_keeps_the_score_on_one_token():
+def test_kl_in_the_reward_keeps_the_score_on_one_token():
     """r = at_last_token(score) − β·kl: the return-to-go sums the KL of the tokens still to come."""
     batch = make_batch([0, 1], [[1, 1], [1, 1]], logprobs=[[-1.0, -1.0], [-1.0, -1.0]],
                        ref_logprobs=[[-1.5, -1.0], [-1.0, -0.5]])

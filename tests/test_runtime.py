@@ -247,3 +247,22 @@ def test_an_entropy_bonus_gets_the_current_policys_entropy_with_its_gradient(tmp
     metrics = trainer.train_step(0)
     entropy_term = next(v for k, v in metrics.items() if k.startswith("node/loss#") and v > 0.1)
     assert entropy_term == pytest.approx(metrics["policy/entropy/mean"], rel=1e-5)
+
+
+def test_remax_baseline_is_the_reward_of_a_greedy_response():
+    result = compile_spec(ROOT / "specs" / "remax.shape", sets=SMALL)
+    assert result.ok, result.diagnostics
+    _, plan = build_plan(result.program)
+    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
+    trainer.setup()
+    _, batch = trainer.rollout_phase(0)  # no update yet: the policy is the one that made the baseline
+    baseline = batch.extra["greedy_baseline"]
+    firsts = {}
+    for i, e in enumerate(batch.examples):
+        firsts.setdefault(e.id, (i, e))
+    greedy = trainer.engine("generate", trainer.policy).generate(
+        [e for _, e in firsts.values()], n=1, max_new_tokens=5, temperature=1.0, top_p=1.0, top_k=0, greedy=True)
+    expected = [float(r.strip() == e.answer) for r, (_, e) in zip(greedy.responses, firsts.values())]
+    assert [float(baseline[i]) for i, _ in firsts.values()] == expected
+    for i, e in enumerate(batch.examples):  # every response of a prompt shares its prompt's baseline
+        assert float(baseline[i]) == float(baseline[firsts[e.id][0]])

@@ -179,7 +179,7 @@ class Trainer:
 
     @torch.no_grad()
     def complete(self, batch: RolloutBatch, policy, *, temperature: float,
-                 micro_rows: list["torch.Tensor"]) -> RolloutBatch:
+                 micro_rows: list["torch.Tensor"], baseline: bool = True) -> RolloutBatch:
         """Fill the needs of the graph on a fresh batch with trainer-side forward passes.
 
         Behaviour log-probs are computed on the same micro-batches, in the same shapes, as the
@@ -212,6 +212,8 @@ class Trainer:
         if self.reference is not None:
             batch.ref_logprobs = token_logprobs(self.reference, batch.prompt_tokens, batch.prompt_mask,
                                                 batch.response_ids, batch.mask, temperature=temperature).logprobs
+        if "greedy_baseline" in needs and baseline:
+            batch.extra["greedy_baseline"] = self._greedy_baseline(batch, policy)
         task = batch.task
         if getattr(task, "scorer", None) is not None:
             scores = torch.tensor([float(task.scorer(e, r)) for e, r in zip(batch.examples, batch.responses)])
@@ -221,6 +223,38 @@ class Trainer:
                 scores = torch.where(bad, torch.zeros_like(scores), scores)
             batch.scores["task"] = scores
         return batch
+
+    def _greedy_baseline(self, batch: RolloutBatch, policy) -> "torch.Tensor":
+        """(B,) the reward of one greedy response per prompt, scored by the `rewards` input of the
+        stage that needs it (ReMax's baseline), shared by the prompt's responses."""
+        users = [n for n in self.plan.phases["rollout"] if "greedy_baseline" in self.program.nodes[n].needs]
+        sources = {dict(self.program.nodes[n].inputs)["rewards"] for n in users}
+        if len(sources) != 1:
+            raise RunError("stages that need a greedy baseline must share one `rewards` input")
+        (source,) = sources
+        unique: dict[Any, Any] = {}
+        for e in batch.examples:  # the step's prompts, each once
+            unique.setdefault(e.id, e)
+        order = {pid: i for i, pid in enumerate(unique)}
+        params = self.program.nodes[self.rollout_node].params
+        greedy = self.engine(params.get("engine", "generate"), policy).generate(
+            list(unique.values()), n=1, max_new_tokens=params["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+            greedy=True, chat=bool(params.get("chat", False)))
+        greedy.task = batch.task
+        needed = _ancestors(self.program, source, stop=set(self.rollout_nodes))
+        if any("greedy_baseline" in self.program.nodes[n].needs for n in needed):
+            raise RunError("a greedy baseline cannot depend on itself")
+        self.complete(greedy, policy, temperature=float(params.get("temperature", 1.0)), micro_rows=[],
+                      baseline=False)
+        values = dict(self.values)
+        values[self.rollout_node] = greedy
+        run_nodes(self.program, [n for n in self.plan.phases["rollout"] if n in needed], values, self.registry,
+                  greedy.mask, check=self._finite_signals)
+        scores = values[source].float()
+        if scores.dim() == 2:  # a token-level reward: its total
+            scores = (scores * greedy.mask).sum(-1)
+        index = torch.tensor([order[e.id] for e in batch.examples], device=scores.device)
+        return scores[index]
 
     def rollout_phase(self, step: int) -> tuple[dict[str, Any], RolloutBatch]:
         values = dict(self.values)  # setup values (model, datasets)

@@ -591,3 +591,30 @@ def reinforce_pp_baseline(rewards, groups, *, eps, std):
     centred = torch.where(group_all_equal(r, index, num_groups)[index], zero, centred)
     tok = centred[:, None].expand(mask.shape)
     return masked_whiten(tok, mask, eps=eps, unbiased=std == "sample", eps_at="var")
+
+
+@stage(
+    "remax",
+    kind="advantage",
+    inputs={"rewards": "Signal[*]", "groups": "Rollouts"},
+    output="Advantage[tok]",
+    needs=("greedy_baseline",),
+    paper="Li et al., ReMax, arXiv:2310.10505; as verl compute_remax_outcome_advantage (catalog B6)",
+)
+def remax(rewards, groups):
+    """REINFORCE with the greedy response's reward as the baseline.
+
+        G_{i,t} = Σ_{k ≥ t} r_{i,k} m_{i,k}          (reward-to-go; a sequence reward sits on the last token)
+        A_{i,t} = G_{i,t} − b_i · m_{i,t}             b_i = reward of the greedy decode of prompt i
+
+    The runtime makes one greedy rollout per prompt and scores it with the same graph that
+    computes ``rewards`` (the `greedy_baseline` need); `replay` reads it from
+    ``extra.greedy_baseline``. Every response of a prompt shares its baseline, so a group whose
+    sampled responses all score like the greedy one gets 0. Example: outcome rewards [1, 0] of
+    one prompt whose greedy response scored 1, lengths 2 and 1: A = [[0, 0], [−1, 0]].
+    """
+    mask = groups.mask  # (B, T)
+    token_rewards = place_at_last_token(rewards.to(torch.float32), mask)  # (B, T)
+    returns = torch.flip(torch.cumsum(torch.flip(token_rewards * mask, [-1]), -1), [-1]) * mask
+    baseline = torch.as_tensor(groups.need("greedy_baseline"), dtype=torch.float32, device=mask.device)  # (B,)
+    return (returns - baseline[:, None] * mask) * mask

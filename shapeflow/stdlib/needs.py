@@ -33,6 +33,9 @@ NEEDS: dict[str, Need] = {
         Need("entropy", "tok", "entropy", "behaviour-policy token entropy over the full vocabulary"),
         Need("hidden_states", "vec", "extra.hidden_states", "last-layer hidden states of the response tokens"),
         Need("ref_logprobs", "tok", "ref_logprobs", "reference-model log-probs of the sampled tokens", "trainer"),
+        Need("greedy_baseline", "seq", "extra.greedy_baseline",
+             "the reward of a greedy response to the same prompt, scored by the stage's own `rewards` input "
+             "(ReMax); one extra greedy rollout per prompt", "trainer"),
         Need("policy_logprobs", "tok", "extra.policy_logprobs", "current-policy log-probs (update phase)", "trainer"),
         Need("policy_entropy", "tok", "extra.policy_entropy", "current-policy token entropy (update phase, with gradient)", "trainer"),
     )
