@@ -106,7 +106,7 @@ def _setup_broken_plugin(monkeypatch) -> None:
                                        group=ENTRY_POINT_GROUP)
     scratch = Registry()
     with monkeypatch.context() as m:
-        m.setattr(importlib.metadata, "entry_points", lambda group=None: [ep] if group == ENTRY_POINT_GROUP else [])
+        m.setattr("shapeflow.stdlib.registry._plugin_entry_points", lambda: [ep])
         scratch.load_plugins()
     assert len(scratch.plugin_errors) == 1
     monkeypatch.setattr(default_registry(), "plugin_errors", scratch.plugin_errors)

@@ -61,7 +61,8 @@ class _Loader:
 
     def load(self, path: Path) -> ast.Spec | None:
         if path not in self.cache:
-            spec, text = parse_file(path, display_path(path), self.diags)
+            spec, text, found = _parse_cached(path)
+            self.diags.extend(found)
             self.sources[display_path(path)] = text
             self.cache[path] = spec
         return self.cache[path]
@@ -95,6 +96,27 @@ class _Loader:
                              f"allowed folders ({allowed})", "add its folder with --path if you trust it")
             return None
         return found
+
+
+_PARSED: dict[tuple, tuple] = {}  # (path, mtime, size, display) -> (spec, text, diagnostics)
+
+
+def _parse_cached(path: Path) -> tuple[ast.Spec | None, str, list]:
+    """Parse each file once per process (`check specs/` reads grpo.shape for every child)."""
+    display = display_path(path)
+    try:
+        st = path.stat()
+        key = (path, st.st_mtime_ns, st.st_size, display)
+    except OSError:
+        key = None
+    if key is not None and key in _PARSED:
+        return _PARSED[key]
+    found = Diagnostics()
+    spec, text = parse_file(path, display, found)
+    result = (spec, text, list(found))
+    if key is not None:
+        _PARSED[key] = result
+    return result
 
 
 def resolve(
