@@ -9,6 +9,8 @@ name the trainer whose convention a parameter picks.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -71,17 +73,23 @@ def ppo_clip(advantages, groups, *, eps_low, eps_high, clip_c, agg, loss_scale_f
     A = −1, ratio 5 gives min(5, 3) = 3 (dual clip).
     """
     mask = groups.mask  # (B, T)
-    adv = to_tokens(advantages, mask)  # (B, T)
     # zero the log-ratio on padding first: a NaN/inf log-prob there then gives neither a NaN loss
     # nor a NaN gradient, without relying on clamp's backward dropping NaN inputs
-    log_ratio = to_tokens(groups.need("policy_logprobs") - groups.need("logprobs"), mask).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    loss = torch.maximum(unclipped, clipped)
-    if clip_c is not None:
-        loss = torch.where(adv < 0, torch.minimum(loss, -adv * clip_c), loss)
-    return aggregate(loss, mask, agg, loss_scale_factor)
+    log_ratio = to_tokens(groups.need("policy_logprobs") - groups.need("logprobs"), mask)  # (B, T)
+    # The max/min form above equals one clamp of the log-ratio with bounds set by the sign of A
+    # (same value, same gradient, a fraction of the cost of maximum/minimum's backward):
+    #   A > 0: ρ ≤ 1 + eps_high      A < 0: 1 − eps_low ≤ ρ (≤ c with the dual clip)
+    if advantages.dim() == 1:  # one value per response: bounds per row, (B, 1)
+        has_tokens = mask.sum(-1) > 0
+        adv = torch.where(has_tokens, advantages, torch.zeros_like(advantages))[:, None].to(log_ratio.dtype)
+    else:
+        adv = to_tokens(advantages, mask)  # (B, T), zero on padding (which may hold NaN/inf)
+    upper_neg = math.log(clip_c) if clip_c is not None else 20.0
+    const = lambda value: torch.full_like(adv, value)  # noqa: E731 - bounds shaped and typed like A
+    lo = torch.where(adv < 0, const(math.log(1.0 - eps_low)), const(-20.0))
+    hi = torch.where(adv > 0, const(min(math.log1p(eps_high), 20.0)), const(upper_neg))
+    loss = -adv * torch.exp(torch.clamp(log_ratio, lo, hi))  # finite: padding's log-ratio and A are 0
+    return aggregate(loss, mask, agg, loss_scale_factor, finite=True)
 
 
 class KlParams(AggregationParams):
