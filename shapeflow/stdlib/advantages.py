@@ -30,6 +30,8 @@ from shapeflow.stdlib.functional import (
     group_min_max,
     group_sum,
     masked_whiten,
+    masked_whiten_rows,
+    no_holes,
     place_at_last_token,
 )
 from shapeflow.stdlib.registry import StageParams, stage
@@ -540,9 +542,18 @@ def reinforce_pp(rewards, groups, *, gamma, eps, std):
     γ = 1: μ = 0.6333, σ² = 0.19324 → every token of row 0 gets 0.834, of row 1 −1.441.
     """
     mask = groups.mask
+    unbiased = std == "sample"
+    if rewards.dim() == 1 and no_holes(mask):  # outcome reward, responses without masked spans
+        r = rewards.to(torch.float32)
+        if gamma == 1.0:  # G = r_i on every token: whiten B numbers, not B × T
+            return masked_whiten_rows(r, mask, eps=eps, unbiased=unbiased, eps_at="var")
+        t = torch.arange(mask.shape[-1], device=mask.device)
+        steps_left = (mask.sum(-1, keepdim=True) - 1 - t).clamp(min=0)  # L_i − 1 − t
+        returns = r[:, None] * torch.pow(torch.tensor(gamma, dtype=r.dtype), steps_left)  # G_t = r γ^(L−1−t)
+        return masked_whiten(returns, mask, eps=eps, unbiased=unbiased, eps_at="var")
     tok = place_at_last_token(rewards.to(torch.float32), mask)  # (B, T)
     returns = discounted_returns(tok, mask, gamma)
-    return masked_whiten(returns, mask, eps=eps, unbiased=std == "sample", eps_at="var")
+    return masked_whiten(returns, mask, eps=eps, unbiased=unbiased, eps_at="var")
 
 
 class ReinforcePPBaselineParams(StageParams):
@@ -589,8 +600,7 @@ def reinforce_pp_baseline(rewards, groups, *, eps, std):
     zero = torch.zeros_like(r)
     centred = torch.where(count[index] == 1, r, r - mean[index])
     centred = torch.where(group_all_equal(r, index, num_groups)[index], zero, centred)
-    tok = centred[:, None].expand(mask.shape)
-    return masked_whiten(tok, mask, eps=eps, unbiased=std == "sample", eps_at="var")
+    return masked_whiten_rows(centred, mask, eps=eps, unbiased=std == "sample", eps_at="var")
 
 
 @stage(
@@ -614,7 +624,11 @@ def remax(rewards, groups):
     one prompt whose greedy response scored 1, lengths 2 and 1: A = [[0, 0], [−1, 0]].
     """
     mask = groups.mask  # (B, T)
-    token_rewards = place_at_last_token(rewards.to(torch.float32), mask)  # (B, T)
-    returns = torch.flip(torch.cumsum(torch.flip(token_rewards * mask, [-1]), -1), [-1]) * mask
     baseline = torch.as_tensor(groups.need("greedy_baseline"), dtype=torch.float32, device=mask.device)  # (B,)
-    return (returns - baseline[:, None] * mask) * mask
+    if rewards.dim() == 1:  # an outcome reward sits on the last token: G_t = r_i on every token
+        row = (rewards.to(torch.float32) - baseline)
+        row = torch.where(mask.sum(-1) > 0, row, torch.zeros_like(row))  # an empty row stays 0, even if NaN
+        return row[:, None] * mask
+    token_rewards = torch.where(mask > 0, rewards.to(torch.float32), torch.zeros_like(mask))  # (B, T)
+    returns = torch.flip(torch.cumsum(torch.flip(token_rewards, [-1]), -1), [-1])
+    return (returns - baseline[:, None]) * mask

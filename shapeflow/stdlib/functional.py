@@ -155,6 +155,42 @@ def masked_whiten(
     return torch.where(valid & ~flat, d * scale, zero)
 
 
+def masked_whiten_rows(
+    c: "Tensor", mask: "Tensor", *, eps: float = 1e-8, unbiased: bool = True, eps_at: str = "var"
+) -> "Tensor":
+    """``masked_whiten`` of a value that is constant along each row: c_i on every valid token
+    of row i. The same statistics from B numbers weighted by the rows' token counts
+    n_i = Σ_t m_{i,t}, instead of B × T entries:
+
+        μ = Σ n_i c_i / N,  σ² = Σ n_i (c_i − μ)² / (N − 1),  A_{i,t} = (c_i − μ) / sqrt(σ² + eps) · m_{i,t}
+
+    with the same all-equal rule (exactly 0 when every row with tokens has the same c)."""
+    n = (mask > 0).to(c.dtype).sum(-1)  # (B,)
+    has = n > 0
+    c0 = torch.where(has, c, torch.zeros_like(c))
+    total = n.sum()
+    mean = (n * c0).sum() / total.clamp(min=1)
+    d = torch.where(has, c0 - mean, torch.zeros_like(c0))
+    dof = total - 1 if unbiased else total
+    var = (n * d * d).sum() / dof.clamp(min=1)
+    if eps_at == "var":
+        scale = torch.rsqrt(var + eps)
+    elif eps_at == "std":
+        scale = 1.0 / (var.sqrt() + eps)
+    else:
+        raise ValueError(f"unknown eps_at {eps_at!r}")
+    inf = torch.full_like(c0, float("inf"))
+    flat = torch.where(has, c0, inf).amin() >= torch.where(has, c0, -inf).amax() if c.numel() else True
+    row = torch.where(has & ~torch.as_tensor(flat), d * scale, torch.zeros_like(d))  # (B,)
+    return row[:, None] * (mask > 0).to(c.dtype)
+
+
+def no_holes(mask: "Tensor") -> bool:
+    """Every row's valid tokens form one prefix (nothing masked before its last valid token)."""
+    positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device, dtype=mask.dtype)
+    return bool(((mask * positions).amax(-1) == mask.sum(-1)).all())
+
+
 def place_at_last_token(x: "Tensor", mask: "Tensor") -> "Tensor":
     """A sequence value (B,) as a token value (B, T): x_i at row i's last valid token, 0
     elsewhere (verl writes the score at ``valid_response_length − 1``). A token value (B, T)
@@ -176,11 +212,12 @@ def discounted_returns(rewards: "Tensor", mask: "Tensor", gamma: float) -> "Tens
     operations: vectorised over the batch. Positions outside ``mask`` keep their raw value; a
     caller masks them."""
     B, T = rewards.shape
-    out = torch.empty_like(rewards)
+    r = rewards.t().contiguous()  # (T, B): each step reads and writes one contiguous row
+    m = (mask > 0).to(rewards.dtype).t().contiguous()
+    out = torch.empty_like(r)
     running = rewards.new_zeros(B)
-    m = (mask > 0).to(rewards.dtype)
     for t in range(T - 1, -1, -1):
-        running = rewards[:, t] + gamma * running
-        out[:, t] = running
-        running = running * m[:, t]
-    return out
+        running = r[t] + gamma * running
+        out[t] = running
+        running = running * m[t]
+    return out.t().contiguous()
