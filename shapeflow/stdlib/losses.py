@@ -245,6 +245,8 @@ def gspo(advantages, groups, *, eps_low, eps_high, agg):
     L = −0.904837, ∂L/∂log π_θ,t = −A s / |y| = −0.452419 per token. With A = −1 the clip
     binds: ℓ = 0.9997 and the gradient is 0.
     """
+    if advantages.dim() == 1:
+        return _gspo_rows(advantages, groups, eps_low, eps_high)
     mask, adv, logp, old = _token_inputs(advantages, groups)
     lengths = mask.sum(-1).clamp(min=1)  # (B,)
     seq_log_ratio = (logp - old).sum(-1) / lengths  # (B,); padding is already 0
@@ -252,6 +254,29 @@ def gspo(advantages, groups, *, eps_low, eps_high, agg):
     s = torch.exp(log_s)
     loss = torch.maximum(-adv * s, -adv * s.clamp(1.0 - eps_low, 1.0 + eps_high))
     return aggregate(loss, mask, agg)  # agg can only be "seq-mean-token-mean"
+
+
+def _gspo_rows(advantages, groups, eps_low: float, eps_high: float):
+    """GSPO with one advantage per response: every token of a row has the same term, so the row
+    is one term. log s_i = Σ_t m (log π_θ − log π_old) / |y_i| carries the gradient s_i/|y_i|
+    per token, and seq-mean-token-mean weighs the row by |y_i|/(|y_i| + 1e-8): the same value
+    and gradient as the token form, from B numbers instead of B × T."""
+    mask = groups.mask
+    log_ratio = torch.where(mask > 0, groups.need("policy_logprobs") - groups.need("logprobs"),
+                            torch.zeros_like(mask))  # (B, T)
+    n = mask.sum(-1)  # (B,)
+    has = n > 0
+    log_s = (log_ratio.sum(-1) / n.clamp(min=1)).clamp(max=10.0)  # (B,)
+    s = torch.exp(log_s)
+    adv = torch.where(has, advantages, torch.zeros_like(advantages)).to(s.dtype)
+    # max(−A s, −A clip(s)) as one clamp with sign-dependent bounds
+    lo = torch.where(adv < 0, torch.full_like(s, 1.0 - eps_low), torch.zeros_like(s))
+    hi = torch.where(adv > 0, torch.full_like(s, 1.0 + eps_high), torch.full_like(s, float("inf")))
+    term = -adv * torch.clamp(s, lo, hi)  # (B,), the value of every token of the row
+    rows = has.to(s.dtype)
+    out = (term * n / (n + 1e-8) * rows).sum() / rows.sum().clamp(min=1)
+    out.terms = term[:, None] * mask  # per-token terms, for `replay --objective`
+    return out
 
 
 # --- SAPO -------------------------------------------------------------------------------------
