@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
+
+# Tests parse thousands of throw-away specs: keep them out of the user's parse cache (the
+# cache itself is tested with a cache folder of its own).
+os.environ["SHAPEFLOW_PARSE_CACHE"] = "off"
 
 from shapeflow._lazy import torch  # imported on first use: test files without torch still collect
 from shapeflow.runtime.batch import RolloutBatch

@@ -196,3 +196,22 @@ def test_grammar_works_on_lark_1_2_2(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           env={"PYTHONPATH": env_path, "PATH": "", "HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_parsed_specs_are_cached_on_disk_and_refreshed_when_edited(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHAPEFLOW_PARSE_CACHE", "on")
+    monkeypatch.setenv("SHAPEFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    spec = Path("s.shape")
+    spec.write_text((SPECS / "grpo.shape").read_text().replace("grpo(r, groups", "grop(r, groups"))
+    from shapeflow.compiler import resolve
+
+    first = run(capsys, "check", "s.shape")
+    assert first[0] == 1 and "unknown stage 'grop'" in first[1]
+    assert len(list((tmp_path / "cache" / "parsed").glob("*/*.pickle"))) == 1
+    resolve._PARSED.clear()  # a new process: only the disk cache is left
+    assert run(capsys, "check", "s.shape") == first
+    spec.write_text(spec.read_text().replace("grop(r, groups", "grpo(r, groups") + "\n")
+    resolve._PARSED.clear()
+    assert run(capsys, "check", "s.shape") == (0, "", "")
+    assert len(list((tmp_path / "cache" / "parsed").glob("*/*.pickle"))) == 2

@@ -102,7 +102,9 @@ _PARSED: dict[tuple, tuple] = {}  # (path, mtime, size, display) -> (spec, text,
 
 
 def _parse_cached(path: Path) -> tuple[ast.Spec | None, str, list]:
-    """Parse each file once per process (`check specs/` reads grpo.shape for every child)."""
+    """Parse each file once per process (`check specs/` reads grpo.shape for every child), and
+    keep the result on disk keyed by the file's bytes and the parser's own source, so a
+    repeated `shapeflow check` (pre-commit, CI) skips parsing unchanged specs."""
     display = display_path(path)
     try:
         st = path.stat()
@@ -111,12 +113,80 @@ def _parse_cached(path: Path) -> tuple[ast.Spec | None, str, list]:
         key = None
     if key is not None and key in _PARSED:
         return _PARSED[key]
-    found = Diagnostics()
-    spec, text = parse_file(path, display, found)
-    result = (spec, text, list(found))
+    result = _disk_cache_lookup(path, display, key)
+    if result is None:
+        found = Diagnostics()
+        spec, text = parse_file(path, display, found)
+        result = (spec, text, list(found))
+        _disk_cache_store(path, display, key, result)
     if key is not None:
         _PARSED[key] = result
     return result
+
+
+PARSE_CACHE_LIMIT = 2000  # files; the oldest go first
+
+
+def _disk_key(path: Path, display: str) -> Path | None:
+    import hashlib
+    import os
+
+    if os.environ.get("SHAPEFLOW_PARSE_CACHE", "on") == "off":
+        return None
+
+    from shapeflow._cache import cache_root
+    from shapeflow.dsl.parser import MAX_BYTES, parser_fingerprint
+
+    try:
+        if path.stat().st_size > MAX_BYTES:
+            return None
+        data = path.read_bytes()
+    except OSError:
+        return None
+    digest = hashlib.sha256(parser_fingerprint() + display.encode() + b"\0" + data).hexdigest()
+    return cache_root() / "parsed" / digest[:2] / f"{digest}.pickle"
+
+
+def _disk_cache_lookup(path: Path, display: str, key) -> tuple | None:
+    import pickle
+
+    if key is None:
+        return None
+    target = _disk_key(path, display)
+    try:
+        return pickle.loads(target.read_bytes()) if target is not None else None
+    except Exception:  # absent, unreadable or from another version: parse again
+        return None
+
+
+def _disk_cache_store(path: Path, display: str, key, result: tuple) -> None:
+    import pickle
+    import sys
+
+    from shapeflow._cache import write_atomic
+
+    target = _disk_key(path, display) if key is not None else None
+    if target is None:
+        return
+    limit = sys.getrecursionlimit()
+    try:
+        sys.setrecursionlimit(max(limit, 20_000))  # AST depth is capped by the parser (MAX_DEPTH)
+        write_atomic(target, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    except (RecursionError, pickle.PicklingError):
+        pass
+    finally:
+        sys.setrecursionlimit(limit)
+    if hash(target.name) % 50 == 0:  # now and then, keep the cache bounded
+        _prune(target.parent.parent)
+
+
+def _prune(root: Path) -> None:
+    try:
+        files = sorted(root.glob("*/*.pickle"), key=lambda p: p.stat().st_mtime)
+        for old in files[: max(0, len(files) - PARSE_CACHE_LIMIT)]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def resolve(

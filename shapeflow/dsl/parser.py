@@ -240,6 +240,23 @@ class _Builder(Transformer):
         return header, statements
 
 
+@lru_cache(maxsize=1)
+def parser_fingerprint() -> bytes:
+    """Bytes that change whenever parsing could give another result: lark's version, the
+    grammar and the source of the modules that build the AST (keys the on-disk parse cache)."""
+    import hashlib
+
+    import lark
+
+    from shapeflow.dsl import ast as ast_module
+    from shapeflow.dsl import diagnostics
+
+    h = hashlib.sha256(lark.__version__.encode())
+    for source in (GRAMMAR, Path(__file__), Path(ast_module.__file__), Path(diagnostics.__file__)):
+        h.update(source.read_bytes())
+    return h.digest()
+
+
 _BUILDER = _Builder("<spec>")
 _LOCK = threading.Lock()
 

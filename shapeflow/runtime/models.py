@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from shapeflow._cache import cache_root
+
 BuiltinBuilder = Callable[[Path], None]  # writes a Hugging Face folder into the given path
 
 
@@ -41,14 +43,6 @@ def builtin(name: str, *, version: str, doc: str) -> Callable[[BuiltinBuilder], 
         return fn
 
     return register
-
-
-def cache_root() -> Path:
-    """``$SHAPEFLOW_CACHE``, else ``$XDG_CACHE_HOME/shapeflow``, else ``~/.cache/shapeflow``."""
-    if os.environ.get("SHAPEFLOW_CACHE"):
-        return Path(os.environ["SHAPEFLOW_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "shapeflow"
 
 
 @contextmanager

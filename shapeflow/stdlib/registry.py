@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from shapeflow._cache import cache_root, write_atomic
 from shapeflow.compiler.types import Type, parse_type
 from shapeflow.stdlib.needs import NEEDS
 
@@ -180,8 +181,33 @@ def _plugin_entry_points() -> list:
 
     ``importlib.metadata.entry_points()`` builds a Distribution for every installed package
     (30+ ms in a full environment); this reads only the ``entry_points.txt`` files that mention
-    the group, which keeps `shapeflow check` quick to start. First distribution on sys.path wins,
-    as importlib does."""
+    the group, and remembers the answer in the user cache keyed by the sys.path folders and
+    their modification times (installing or removing a package changes them), which keeps
+    `shapeflow check` quick to start. First distribution on sys.path wins, as importlib does."""
+    import json
+    import os
+    import sys
+    from importlib.metadata import EntryPoint
+
+    key = []
+    for base in sys.path:
+        try:
+            key.append([base, os.stat(base or ".").st_mtime_ns])
+        except OSError:
+            key.append([base, None])
+    cache = cache_root() / "plugins.json"
+    try:
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return [EntryPoint(name=n, value=v, group=ENTRY_POINT_GROUP) for n, v in saved["entry_points"]]
+    except (OSError, ValueError, AttributeError):
+        pass
+    found = _scan_entry_points()
+    write_atomic(cache, json.dumps({"key": key, "entry_points": [[e.name, e.value] for e in found]}).encode())
+    return found
+
+
+def _scan_entry_points() -> list:
     import configparser
     import os
     import sys
