@@ -30,10 +30,6 @@ class Span:
     end_column: int
 
     @staticmethod
-    def point(file: str, line: int = 1, column: int = 1) -> "Span":
-        return Span(file, line, column, line, column + 1)
-
-    @staticmethod
     def whole_file(file: str) -> "Span":
         """A diagnostic about the file as a whole: line 1, column 1, zero width (no caret)."""
         return Span(file, 1, 1, 1, 1)
