@@ -120,6 +120,15 @@ def group_loo_std(x: "Tensor", index: "Tensor", num_groups: int, *, unbiased: bo
     return torch.where(others_equal | (dof < 1), torch.zeros_like(std), std)
 
 
+def _whiten_scale(var: "Tensor", eps: float, eps_at: str) -> "Tensor":
+    """1 / sqrt(σ² + eps) (verl) or 1 / (σ + eps) (TRL)."""
+    if eps_at == "var":
+        return torch.rsqrt(var + eps)
+    if eps_at == "std":
+        return 1.0 / (var.sqrt() + eps)
+    raise ValueError(f"unknown eps_at {eps_at!r}")
+
+
 def masked_whiten(
     x: "Tensor", mask: "Tensor", *, eps: float = 1e-8, unbiased: bool = True, eps_at: str = "var"
 ) -> "Tensor":
@@ -143,12 +152,7 @@ def masked_whiten(
     d = torch.where(valid, x - mean, zero)
     dof = n - 1 if unbiased else n
     var = (d * d).sum() / dof.clamp(min=1)
-    if eps_at == "var":
-        scale = torch.rsqrt(var + eps)
-    elif eps_at == "std":
-        scale = 1.0 / (var.sqrt() + eps)
-    else:
-        raise ValueError(f"unknown eps_at {eps_at!r}")
+    scale = _whiten_scale(var, eps, eps_at)
     lo = torch.where(valid, x, torch.full_like(x, float("inf"))).amin() if x.numel() else x.new_zeros(())
     hi = torch.where(valid, x, torch.full_like(x, -float("inf"))).amax() if x.numel() else x.new_zeros(())
     flat = lo >= hi  # all valid entries equal, or none valid
@@ -173,12 +177,7 @@ def masked_whiten_rows(
     d = torch.where(has, c0 - mean, torch.zeros_like(c0))
     dof = total - 1 if unbiased else total
     var = (n * d * d).sum() / dof.clamp(min=1)
-    if eps_at == "var":
-        scale = torch.rsqrt(var + eps)
-    elif eps_at == "std":
-        scale = 1.0 / (var.sqrt() + eps)
-    else:
-        raise ValueError(f"unknown eps_at {eps_at!r}")
+    scale = _whiten_scale(var, eps, eps_at)
     inf = torch.full_like(c0, float("inf"))
     flat = torch.where(has, c0, inf).amin() >= torch.where(has, c0, -inf).amax() if c.numel() else True
     row = torch.where(has & ~torch.as_tensor(flat), d * scale, torch.zeros_like(d))  # (B,)
