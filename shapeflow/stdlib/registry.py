@@ -43,6 +43,8 @@ STDLIB_MODULES = (
     "shapeflow.stdlib.signals",
     "shapeflow.stdlib.advantages",
     "shapeflow.stdlib.losses",
+    "shapeflow.stdlib.shaping",
+    "shapeflow.stdlib.shaping_rewards",
 )
 
 
