@@ -35,6 +35,7 @@ Where the time goes, for both:
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import cProfile
 import io
@@ -42,6 +43,7 @@ import json
 import os
 import platform
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -62,6 +64,24 @@ sys.path.insert(0, str(ROOT))
 # --------------------------------------------------------------------------------------------
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a wall-clock interval covers the kernels it launched."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def free_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class Timed:
     """Wraps a callable; adds the wall time of each call to ``total`` (reset per step)."""
 
@@ -69,10 +89,12 @@ class Timed:
         self.fn, self.total, self.calls = fn, 0.0, 0
 
     def __call__(self, *args, **kwargs):
+        synchronize()
         t = time.perf_counter()
         try:
             return self.fn(*args, **kwargs)
         finally:
+            synchronize()
             self.total += time.perf_counter() - t
             self.calls += 1
 
@@ -95,10 +117,10 @@ def median(xs):
 # --------------------------------------------------------------------------------------------
 
 
-def load_spec(path: Path, total_steps: int):
+def load_spec(path: Path, total_steps: int, sets: list[str] = ()):
     from shapeflow.compiler.pipeline import build_plan, compile_spec
 
-    compiled = compile_spec(path, sets=[f"train.steps={total_steps}"])
+    compiled = compile_spec(path, sets=[f"train.steps={total_steps}", *sets])
     if not compiled.ok:
         raise SystemExit(f"{path} does not compile:\n" + "\n".join(str(d) for d in compiled.diagnostics))
     program = compiled.program
@@ -135,8 +157,6 @@ def spec_settings(program) -> dict:
         raise SystemExit("spec: expected token-mean ppo_clip and token-mean k3 KL (TRL loss_type='dapo', beta)")
     if verify.params["extract"] is not None or not verify.params["strip"]:
         raise SystemExit("spec: expected exact_answer with strip = true and no extract")
-    if model.params["path"] != "builtin:arith-tiny":
-        raise SystemExit("spec: expected the builtin:arith-tiny model")
     return {
         "model": model.params["path"],
         "data": {k: data.params[k] for k in ("digits", "second_digits", "split", "test_fraction", "size", "seed")},
@@ -160,11 +180,54 @@ def spec_settings(program) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# a ~0.5B-parameter random-init model (the GPU comparison)
+# --------------------------------------------------------------------------------------------
+
+QWEN25_05B = dict(  # Qwen2.5-0.5B's shape: 494M parameters with its 151,936-token vocabulary
+    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+    tie_word_embeddings=True,
+)
+
+
+def random_qwen2_folder(folder: Path, seed: int = 0) -> Path:
+    """A Qwen2 with Qwen2.5-0.5B's shape and random weights, saved as a Hugging Face folder with
+    the embedded character tokenizer padded with filler tokens to the model's vocabulary (so every
+    sampled id decodes). Untrained, it almost never samples <eos>: responses run to the length
+    limit, rewards are all 0 (all-equal groups, zero advantages), and both trainers do the same
+    full-length work every step."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from shapeflow.runtime.builtin_tiny import CHARS, SPECIALS
+
+    if (folder / "config.json").is_file():
+        return folder
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(CHARS))}
+    vocab.update({f"<f{i}>": i for i in range(len(vocab), QWEN25_05B["vocab_size"])})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.padding_side = "left"
+    config = Qwen2Config(**QWEN25_05B, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
 # shapeflow
 # --------------------------------------------------------------------------------------------
 
 
-def run_shapeflow(program, plan, warmup: int, steps: int, profile: int = 0) -> dict:
+def run_shapeflow(program, plan, warmup: int, steps: int, profile: int = 0, device: str = "cpu") -> dict:
     import torch
 
     from shapeflow.runtime.trainer import Trainer
@@ -172,7 +235,7 @@ def run_shapeflow(program, plan, warmup: int, steps: int, profile: int = 0) -> d
 
     config = program.config["train"]
     t_setup = time.perf_counter()
-    trainer = Trainer(program, plan, default_registry(), config, device="cpu")
+    trainer = Trainer(program, plan, default_registry(), config, device=device)
     trainer.setup()
     setup_s = time.perf_counter() - t_setup
     engine = trainer.engine("generate", trainer.policy)  # the instance the rollout stage will use
@@ -200,7 +263,10 @@ def run_shapeflow(program, plan, warmup: int, steps: int, profile: int = 0) -> d
     if profiler is not None:
         profiler.disable()
     del engine.generate
-    out = {"setup_s": setup_s, "rows": rows[warmup:], "threads": torch.get_num_threads()}
+    out = {"setup_s": setup_s, "rows": rows[warmup:], "threads": torch.get_num_threads(),
+           "precision": str(trainer.accelerator.mixed_precision)}
+    del trainer, engine
+    free_accelerator_memory()
     if profiler is not None:
         out["profile"] = profiler
     return out
@@ -227,7 +293,7 @@ def trl_prompts(settings: dict, total_steps: int) -> list[dict]:
     return out
 
 
-def run_trl(folder: Path, settings: dict, warmup: int, steps: int, out_dir: Path) -> dict:
+def run_trl(folder: Path, settings: dict, warmup: int, steps: int, out_dir: Path, device: str = "cpu") -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -244,8 +310,8 @@ def run_trl(folder: Path, settings: dict, warmup: int, steps: int, out_dir: Path
     group = settings["group_size"]
     args = GRPOConfig(
         output_dir=str(out_dir),
-        use_cpu=True,
-        bf16=False,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",  # as shapeflow's mixed_precision = "auto": bf16 autocast on CUDA, fp32 weights
         fp16=False,
         activation_checkpointing=False,  # GRPOConfig turns it on by default; shapeflow does not checkpoint
         seed=settings["seed"],
@@ -319,10 +385,14 @@ def run_trl(folder: Path, settings: dict, warmup: int, steps: int, out_dir: Path
     del model.generate
     if len(rows) != total:
         raise SystemExit(f"TRL ran {len(rows)} steps; expected {total}")
+    ref_model = trainer.ref_model is not None
+    checkpointing = bool(model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing")
+                         else getattr(model, "is_gradient_checkpointing", False))
+    del trainer, model
+    free_accelerator_memory()
     return {"setup_s": setup_s, "rows": rows[warmup:], "threads": torch.get_num_threads(),
-            "ref_model": trainer.ref_model is not None,
-            "checkpointing": bool(model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing")
-                                  else getattr(model, "is_gradient_checkpointing", False))}
+            "ref_model": ref_model,
+            "checkpointing": checkpointing}
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +400,8 @@ def run_trl(folder: Path, settings: dict, warmup: int, steps: int, out_dir: Path
 # --------------------------------------------------------------------------------------------
 
 
-def run_cli(spec: str, warmup: int, steps: int, out_dir: Path, threads: int) -> dict:
+def run_cli(spec: str, warmup: int, steps: int, out_dir: Path, threads: int, sets: list[str] = (),
+            device: str = "cpu") -> dict:
     """`shapeflow run SPEC --steps W+N --device cpu` in a fresh process; per-step times from its
     metrics.jsonl: `perf/*` as the trainer measured them, and the cycle from the rows' `time`
     stamps (which adds the tracker's logging of each step)."""
@@ -338,8 +409,10 @@ def run_cli(spec: str, warmup: int, steps: int, out_dir: Path, threads: int) -> 
 
     exe = Path(sys.executable).with_name("shapeflow")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "shapeflow.cli"]
-    cmd += ["run", str(Path(spec).resolve()), "--steps", str(warmup + steps), "--device", "cpu",
+    cmd += ["run", str(Path(spec).resolve()), "--steps", str(warmup + steps), "--device", device,
             "--out", str(out_dir / "run")]
+    for item in sets:
+        cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=out_dir, env=env, capture_output=True, text=True)
@@ -358,7 +431,7 @@ def run_cli(spec: str, warmup: int, steps: int, out_dir: Path, threads: int) -> 
         })
         prev = r["time"]
     return {"rows": rows[warmup:], "wall_s": wall,
-            "command": f"shapeflow run {Path(spec).name} --steps {warmup + steps} --device cpu"}
+            "command": f"shapeflow run {Path(spec).name} --steps {warmup + steps} --device {device}"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,13 +441,15 @@ def run_cli(spec: str, warmup: int, steps: int, out_dir: Path, threads: int) -> 
 FIELDS = ("step_s", "generate_s", "rollout_s", "update_s", "cycle_s")
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise(rows: list[dict], responses_per_step: int) -> dict:
     out = {f: median([r[f] for r in rows if r.get(f) == r.get(f) and r.get(f) is not None]) for f in FIELDS}
     out["rollout_other_s"] = median([r["rollout_s"] - r["generate_s"] for r in rows
                                      if r["generate_s"] == r["generate_s"]])
     out["response_length"] = median([r["response_length"] for r in rows if r.get("response_length") is not None])
     out["reward"] = statistics.fmean([r["reward"] for r in rows if r.get("reward") is not None] or [float("nan")])
     out["steps"] = len(rows)
+    # generated tokens per second of step time: responses x mean response length / median step
+    out["tokens_per_s"] = responses_per_step * out["response_length"] / out["step_s"]
     return out
 
 
@@ -401,6 +476,12 @@ def main() -> int:
                     help="skip the cross-check run of `shapeflow run SPEC` as a subprocess")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--target", type=float, default=1.5, help="the wanted ratio TRL / shapeflow (default 1.5)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where both train (cuda: bf16 autocast for both, fp32 weights)")
+    ap.add_argument("--model", choices=("spec", "random-qwen2-0.5b"), default="spec",
+                    help="the spec's model (default), or a random-init Qwen2 of Qwen2.5-0.5B's shape")
+    ap.add_argument("--max-new-tokens", type=int, help="override the rollout's max_new_tokens")
+    ap.add_argument("--prompts-per-step", type=int, help="override train.prompts_per_step")
     args = ap.parse_args()
 
     import torch
@@ -411,9 +492,22 @@ def main() -> int:
 
     from shapeflow.runtime.models import builtin_folder
 
-    program, plan = load_spec(Path(args.spec), args.warmup + args.steps)
+    tmp_root = Path(tempfile.mkdtemp(prefix="shapeflow-vs-trl-"))
+    atexit.register(shutil.rmtree, tmp_root, ignore_errors=True)
+    sets = []
+    if args.model == "random-qwen2-0.5b":
+        print("building the random-init Qwen2 (Qwen2.5-0.5B shape)", file=sys.stderr, flush=True)
+        sets.append(f"policy.path={random_qwen2_folder(tmp_root / 'qwen2-0.5b-random')}")
+    if args.max_new_tokens:
+        sets.append(f"groups.max_new_tokens={args.max_new_tokens}")
+    if args.prompts_per_step:
+        sets.append(f"train.prompts_per_step={args.prompts_per_step}")
+    program, plan = load_spec(Path(args.spec), args.warmup + args.steps, sets)
     settings = spec_settings(program)
-    folder = builtin_folder(settings["model"].removeprefix("builtin:"))
+    model_path = settings["model"]
+    folder = builtin_folder(model_path.removeprefix("builtin:")) if model_path.startswith("builtin:") \
+        else Path(model_path)
+    responses_per_step = settings["prompts_per_step"] * settings["group_size"]
 
     import transformers
 
@@ -423,17 +517,18 @@ def main() -> int:
         raise SystemExit('TRL is not installed: .venv/bin/pip install trl "torch==2.13.0"') from None
 
     results = {"shapeflow": [], "trl": []}
-    with tempfile.TemporaryDirectory(prefix="shapeflow-vs-trl-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="runs-", dir=tmp_root) as tmp:
         for r in range(args.rounds):
             order = ("shapeflow", "trl") if r % 2 == 0 else ("trl", "shapeflow")
             for name in order:
                 print(f"round {r + 1}/{args.rounds}: {name} ({args.warmup} warm-up + {args.steps} timed steps)",
                       file=sys.stderr, flush=True)
                 if name == "shapeflow":
-                    res = run_shapeflow(program, plan, args.warmup, args.steps)
+                    res = run_shapeflow(program, plan, args.warmup, args.steps, device=args.device)
                 else:
                     with contextlib.redirect_stdout(sys.stderr):
-                        res = run_trl(folder, settings, args.warmup, args.steps, Path(tmp) / f"trl-{r}")
+                        res = run_trl(folder, settings, args.warmup, args.steps, Path(tmp) / f"trl-{r}",
+                                      device=args.device)
                 if torch.get_num_threads() != threads:
                     raise SystemExit(f"{name} changed the torch thread count to {torch.get_num_threads()}")
                 res["round"] = r + 1
@@ -443,28 +538,32 @@ def main() -> int:
             print("cross-check: shapeflow run as a subprocess", file=sys.stderr, flush=True)
             cli_dir = Path(tmp) / "cli"
             cli_dir.mkdir()
-            cli = run_cli(args.spec, args.warmup, args.steps, cli_dir, threads)
+            cli = run_cli(args.spec, args.warmup, args.steps, cli_dir, threads, sets, args.device)
         profile = None
         if args.profile:
             print("profiling shapeflow", file=sys.stderr, flush=True)
-            profile = run_shapeflow(program, plan, args.warmup, args.steps, profile=args.profile)
+            profile = run_shapeflow(program, plan, args.warmup, args.steps, profile=args.profile,
+                                    device=args.device)
 
     summary = {
         name: {
-            **summarise([row for res in runs for row in res["rows"]]),
+            **summarise([row for res in runs for row in res["rows"]], responses_per_step),
             "per_round_step_s": [median([row["step_s"] for row in res["rows"]]) for res in runs],
             "setup_s": [res["setup_s"] for res in runs],
         }
         for name, runs in results.items()
     }
     if cli is not None:
-        summary["shapeflow run (CLI)"] = {**summarise(cli["rows"]), "per_round_step_s": [], "setup_s": [],
+        summary["shapeflow run (CLI)"] = {**summarise(cli["rows"], responses_per_step), "per_round_step_s": [], "setup_s": [],
                                           "command": cli["command"]}
     ratio = summary["trl"]["step_s"] / summary["shapeflow"]["step_s"]
     ratio_cycle = summary["trl"]["cycle_s"] / summary["shapeflow"]["cycle_s"]
     meta = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}"
+        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
+        "device": args.device,
+        "model": model_path if args.model == "spec" else "random-init Qwen2, Qwen2.5-0.5B shape (494M parameters)",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -491,12 +590,13 @@ def main() -> int:
     else:
         print(f"{meta['date']}  {meta['machine']}  torch {meta['torch']}  transformers {meta['transformers']}  "
               f"trl {meta['trl']}")
+        print(f"model: {meta['model']}; device {args.device}")
         print(f"{meta['spec']}: {settings['prompts_per_step']} prompts x {settings['group_size']}, "
               f"max_new_tokens {settings['max_new_tokens']}; {args.rounds} rounds x {args.steps} timed steps "
               f"(after {args.warmup} warm-up) each; medians in ms")
         print()
-        print("| | step | generate | rest of rollout | update | cycle | per-round step | resp. len | reward |")
-        print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
+        print("| | step | generate | rest of rollout | update | cycle | per-round step | resp. len | reward | tokens/s |")
+        print("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
         def ms(x):
             return "-" if x != x else f"{1e3 * x:.1f}"
 
@@ -506,7 +606,7 @@ def main() -> int:
             rest = ms(s["rollout_s"]) + " (all)" if generate == "-" else ms(s["rollout_other_s"])
             print(f"| {name} | {ms(s['step_s'])} | {generate} | "
                   f"{rest} | {ms(s['update_s'])} | {ms(s['cycle_s'])} | "
-                  f"{per_round} | {s['response_length']:.2f} | {s['reward']:.3f} |")
+                  f"{per_round} | {s['response_length']:.2f} | {s['reward']:.3f} | {s['tokens_per_s']:.0f} |")
         print()
         verdict = "meets" if ratio >= args.target else "misses"
         print(f"ratio TRL / shapeflow, median step: {ratio:.2f}x ({verdict} the target {args.target}x); "

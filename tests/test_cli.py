@@ -91,6 +91,15 @@ def test_set_overrides_param_config_and_stage_argument(capsys, monkeypatch):
     assert groups["params"]["n"] == 16 and groups["params"]["temperature"] == 0.7
 
 
+def test_set_overrides_an_argument_given_by_position(capsys, monkeypatch):
+    # models.causal_lm("builtin:arith-tiny") gives `path` by position; --set policy.path replaces it
+    monkeypatch.chdir(ROOT)
+    code, out, _ = run(capsys, "check", "specs/grpo.shape", "--set", "policy.path=/models/qwen", "--emit", "program")
+    assert code == 0
+    policy = next(n for n in json.loads(out)["nodes"] if n["id"] == "policy")
+    assert policy["params"]["path"] == "/models/qwen"
+
+
 def test_set_errors_point_at_the_command_line(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     code, out, _ = run(capsys, "check", "specs/grpo.shape", "--set", "group_sise=4", "--set", "train.lr=-1")

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from shapeflow.compiler import types as T
-from shapeflow.compiler.resolve import Resolved
+from shapeflow.compiler.resolve import COMMAND_LINE, Resolved
 from shapeflow.config import CONFIG_BLOCKS
 from shapeflow.dsl import ast
 from shapeflow.dsl.diagnostics import Diagnostics, Span
@@ -359,9 +359,13 @@ class Checker:
         def assign(slot: str, expr: ast.Expr, span: Span) -> None:
             nonlocal ok
             if slot in inputs or slot in params:
-                self.diags.error(span, "E306", f"argument '{slot}' of '{e.func}' is given twice")
-                ok = False
-                return
+                if span.file == COMMAND_LINE:  # `--set BINDING.ARG=V` overrides an argument given by position
+                    inputs.pop(slot, None)
+                    params.pop(slot, None)
+                else:
+                    self.diags.error(span, "E306", f"argument '{slot}' of '{e.func}' is given twice")
+                    ok = False
+                    return
             v = self._expr(expr, owner)
             if v is None:
                 ok = False
