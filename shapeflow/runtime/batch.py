@@ -47,6 +47,11 @@ class RolloutBatch:
         return int(self.mask.shape[0])
 
     @property
+    def device(self):
+        """Where the batch's tensors live; stages create their outputs there."""
+        return self.mask.device
+
+    @property
     def num_groups(self) -> int:
         return int(self.group_index.max().item()) + 1 if self.size else 0
 

@@ -183,7 +183,7 @@ class GenerateEngine:
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
         model.train(was_training)
-        generated = torch.stack(tokens, dim=1) if tokens else torch.empty(B, 0, dtype=torch.long)
+        generated = torch.stack(tokens, dim=1) if tokens else torch.empty(B, 0, dtype=torch.long, device=repeat.device)
         response_ids, mask, truncated = split_responses(generated, eos, pad)
         rows = [e for e in examples for _ in range(n)]
         texts = policy.tokenizer.batch_decode(torch.where(mask, response_ids, torch.full_like(response_ids, pad)),

@@ -216,7 +216,8 @@ class Trainer:
             batch.extra["greedy_baseline"] = self._greedy_baseline(batch, policy)
         task = batch.task
         if getattr(task, "scorer", None) is not None:
-            scores = torch.tensor([float(task.scorer(e, r)) for e, r in zip(batch.examples, batch.responses)])
+            scores = torch.tensor([float(task.scorer(e, r)) for e, r in zip(batch.examples, batch.responses)],
+                                  device=batch.device)
             bad = ~torch.isfinite(scores)
             if bad.any():  # a scorer's NaN must not poison the step: count it and score it 0
                 self.nonfinite_scores += int(bad.sum())
@@ -269,8 +270,12 @@ class Trainer:
         return values, batch
 
     def _finite_signals(self, node, value):
-        """A verifier or reward that yields NaN/inf for some responses: those get 0 and are
-        counted (`rollout/nonfinite/<node>`), so one bad response cannot poison the step."""
+        """Every stage's tensor output joins the trainer's device (a plug-in verifier that builds
+        its scores on the CPU must not break a CUDA run). A verifier or reward that yields
+        NaN/inf for some responses: those get 0 and are counted (`rollout/nonfinite/<node>`), so
+        one bad response cannot poison the step."""
+        if torch.is_tensor(value) and value.device != self.device:
+            value = value.to(self.device)
         if node.type.base != "Signal" or not torch.is_tensor(value) or not value.is_floating_point():
             return value
         bad = ~torch.isfinite(value)

@@ -549,7 +549,7 @@ def reinforce_pp(rewards, groups, *, gamma, eps, std):
             return masked_whiten_rows(r, mask, eps=eps, unbiased=unbiased, eps_at="var")
         t = torch.arange(mask.shape[-1], device=mask.device)
         steps_left = (mask.sum(-1, keepdim=True) - 1 - t).clamp(min=0)  # L_i − 1 − t
-        returns = r[:, None] * torch.pow(torch.tensor(gamma, dtype=r.dtype), steps_left)  # G_t = r γ^(L−1−t)
+        returns = r[:, None] * torch.pow(torch.tensor(gamma, dtype=r.dtype, device=r.device), steps_left)  # G_t = r γ^(L−1−t)
         return masked_whiten(returns, mask, eps=eps, unbiased=unbiased, eps_at="var")
     tok = place_at_last_token(rewards.to(torch.float32), mask)  # (B, T)
     returns = discounted_returns(tok, mask, gamma)

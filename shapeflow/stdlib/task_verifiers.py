@@ -52,4 +52,4 @@ def task_score(groups, *, threshold):
             value = float(scorer(example, response))
             value = value if math.isfinite(value) else 0.0
         values.append(value if threshold is None else float(value >= threshold))
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.float32, device=groups.device)

@@ -69,7 +69,7 @@ def exact_answer(groups, *, extract, strip, case_sensitive):
     for response, answer in zip(groups.need("response"), groups.need("answer")):
         got = answer_of(response)
         values.append(float(got is not None and norm(got) == norm(str(answer))))
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.float32, device=groups.device)
 
 
 class FormatParams(StageParams):
@@ -99,4 +99,4 @@ def format(groups, *, regex, mode):  # noqa: A001 - the stage is called `format`
     pattern = re.compile(regex)
     match = pattern.fullmatch if mode == "fullmatch" else pattern.search
     values = [float(match(response) is not None) for response in groups.need("response")]
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor(values, dtype=torch.float32, device=groups.device)
