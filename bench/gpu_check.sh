@@ -2,7 +2,7 @@
 # The GPU check (bench/README.md, "GPU"): one script, run from the repository root on a machine
 # with one CUDA GPU and torch, transformers and accelerate installed. Wheels for what such a
 # machine may lack (trl, datasets, lark, pydantic, ...) are installed from .whl/ when present.
-# Writes its results under $OUT (default bench-gpu-out/).
+# Writes its results under $OUT (default bench-gpu-out/); SKIP_RUN=1 skips step 1.
 #   1. `shapeflow run specs/grpo.shape` on the GPU (builtin:arith-tiny, 100 steps, JSONL tracking);
 #   2. bench/run_vs_trl.py --device cuda --model random-qwen2-0.5b: step time and tokens/s of
 #      shapeflow's GRPO against TRL's GRPOTrainer on the same batch (16 prompts x 8, 128 new tokens).
@@ -19,6 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, accelerate, trl; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'accelerate', accelerate.__version__, 'trl', trl.__version__)"
 
+if [ -z "${SKIP_RUN:-}" ]; then
 echo "== 1. shapeflow run on the GPU"
 t0=$(date +%s)
 timeout 180 python3 -m shapeflow.cli run specs/grpo.shape --steps 100 --device cuda --tracking jsonl \
@@ -26,6 +27,7 @@ timeout 180 python3 -m shapeflow.cli run specs/grpo.shape --steps 100 --device c
 echo "exit $? after $(( $(date +%s) - t0 )) s"
 tail -n 25 "$OUT/run.log"
 cp /tmp/gpu-run/summary.json /tmp/gpu-run/metrics.jsonl "$OUT/" 2>/dev/null
+fi
 
 echo "== 2. shapeflow vs TRL GRPOTrainer, random-init Qwen2 (Qwen2.5-0.5B shape)"
 timeout 400 python3 bench/run_vs_trl.py --device cuda --model random-qwen2-0.5b --max-new-tokens 128 \

@@ -41,6 +41,7 @@ import cProfile
 import io
 import json
 import os
+import pickle
 import platform
 import pstats
 import shutil
@@ -301,7 +302,19 @@ def run_trl(folder: Path, settings: dict, warmup: int, steps: int, out_dir: Path
     from trl import GRPOConfig, GRPOTrainer
 
     total = warmup + steps
-    dataset = Dataset.from_list(trl_prompts(settings, total))
+    try:
+        dataset = Dataset.from_list(trl_prompts(settings, total))
+    except pickle.PicklingError:
+        # some datasets/dill/pyarrow combinations cannot hash an Arrow table for the cache
+        # fingerprint (seen: Python 3.12, pyarrow 25, "Can't pickle <class 'MonthDayNano'>"); the
+        # fingerprint only names cache files, so a random one changes nothing measured here
+        import uuid
+
+        import datasets.arrow_dataset
+
+        datasets.arrow_dataset.generate_fingerprint = lambda _dataset: uuid.uuid4().hex
+        print("note: datasets could not fingerprint the prompt table; using random fingerprints", file=sys.stderr)
+        dataset = Dataset.from_list(trl_prompts(settings, total))
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     # TRL tokenizes plain-text prompts with the tokenizer's defaults, which put <bos> first, as shapeflow does
