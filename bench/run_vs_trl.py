@@ -321,12 +321,18 @@ def run_trl(folder: Path, settings: dict, warmup: int, steps: int, out_dir: Path
     if tokenizer(dataset[0]["prompt"])["input_ids"][0] != tokenizer.bos_token_id:
         raise SystemExit("the tokenizer does not add <bos>: TRL and shapeflow would see different prompts")
     group = settings["group_size"]
+    import dataclasses
+
+    # GRPOConfig turns checkpointing on by default; shapeflow does not checkpoint (the field is
+    # `activation_checkpointing` from transformers 5.2x, `gradient_checkpointing` before)
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    no_checkpointing = {k: False for k in ("activation_checkpointing", "gradient_checkpointing") if k in fields}
     args = GRPOConfig(
+        **no_checkpointing,
         output_dir=str(out_dir),
         use_cpu=device == "cpu",
         bf16=device == "cuda",  # as shapeflow's mixed_precision = "auto": bf16 autocast on CUDA, fp32 weights
         fp16=False,
-        activation_checkpointing=False,  # GRPOConfig turns it on by default; shapeflow does not checkpoint
         seed=settings["seed"],
         max_steps=total,
         per_device_train_batch_size=settings["prompts_per_step"] * group,  # completions, not prompts
