@@ -210,8 +210,10 @@ class Trainer:
                 hidden[rows] = h
             batch.extra["hidden_states"] = hidden
         if self.reference is not None:
-            batch.ref_logprobs = token_logprobs(self.reference, batch.prompt_tokens, batch.prompt_mask,
-                                                batch.response_ids, batch.mask, temperature=temperature).logprobs
+            with self.accelerator.autocast():  # the reference is not `prepare`d: same precision as the policy
+                batch.ref_logprobs = token_logprobs(self.reference, batch.prompt_tokens, batch.prompt_mask,
+                                                    batch.response_ids, batch.mask,
+                                                    temperature=temperature).logprobs
         if "greedy_baseline" in needs and baseline:
             batch.extra["greedy_baseline"] = self._greedy_baseline(batch, policy)
         task = batch.task
