@@ -78,3 +78,52 @@ def drop_truncated(groups):
     kept = groups.select(torch.arange(groups.size, device=groups.mask.device))
     kept.mask = groups.mask * (~groups.need("truncated")).to(groups.mask.dtype)[:, None]
     return kept
+
+
+# --------------------------------------------------------------------------------------------
+# rollouts.reference_answers: where a reference reward can come from on a task
+# --------------------------------------------------------------------------------------------
+
+
+@stage(
+    "rollouts.reference_answers",
+    kind="rollout",
+    inputs={"groups": "Rollouts"},
+    output="Rollouts",
+    needs=("answer",),
+    paper="Fu et al. 2025, PAR, arXiv:2502.18770 (a source of reference rewards)",
+)
+def reference_answers(groups):
+    """A text-only view of the rollouts in which every response is its prompt's reference answer.
+
+        y'_i = answer_i       (same prompts, groups and order)
+
+    So that any verifier or reward that reads text scores the reference answer:
+    ``verifiers.exact_answer(rollouts.reference_answers(groups))`` is the reward of the
+    task's reference answer, a reference reward for ``par.preference``. Task scores are
+    recomputed for the answer (``scores["task"]`` where the task has its own scorer); the view
+    has no tokens (its mask has no columns, no log-probs or entropies), so token-level stages
+    do not apply to it, and nothing is truncated. Example: answers ["65", "7"] give responses
+    ["65", "7"], which exact_answer scores [1, 1].
+    """
+    from shapeflow.runtime.batch import RolloutBatch
+
+    answers = [str(a) for a in groups.need("answer")]
+    B = groups.size
+    scores = {}
+    task, examples = groups.task, groups.examples
+    if getattr(task, "scorer", None) is not None and examples is not None:
+        scores["task"] = torch.tensor([float(task.scorer(e, a)) for e, a in zip(examples, answers)],
+                                      device=groups.device)
+    return RolloutBatch(
+        prompt_ids=list(groups.prompt_ids),
+        group_index=groups.group_index,
+        mask=groups.mask.new_zeros(B, 0),
+        prompts=groups.prompts,
+        answers=groups.answers,
+        responses=answers,
+        truncated=torch.zeros(B, dtype=torch.bool, device=groups.mask.device),
+        scores=scores,
+        examples=examples,
+        task=task,
+    )
