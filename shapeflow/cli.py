@@ -212,7 +212,7 @@ def cmd_replay(args) -> int:
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     try:
         replay(result.program, Path(args.rollouts), out, advantage=args.advantage, objective=args.objective,
-               report=sys.stderr)
+               report=sys.stderr, state=Path(args.state) if args.state else None)
     except ReplayError as exc:
         print(f"shapeflow replay: {exc}", file=sys.stderr)
         return EXIT_ERRORS
@@ -274,7 +274,7 @@ def cmd_eval(args) -> int:
         return EXIT_ERRORS
     from shapeflow.compiler.pipeline import build_plan
     from shapeflow.runtime.models import ModelError
-    from shapeflow.runtime.run import checkpoint_dirs, load_checkpoint
+    from shapeflow.runtime.run import find_checkpoint, load_checkpoint
     from shapeflow.runtime.trainer import RunError, Trainer
     from shapeflow.stdlib.registry import default_registry
 
@@ -282,12 +282,7 @@ def cmd_eval(args) -> int:
     _, plan = build_plan(program)
     config = program.config["train"]
     try:
-        ckpt = Path(args.checkpoint)
-        if not (ckpt / "state.pt").is_file():
-            found = checkpoint_dirs(ckpt)  # a run folder: its newest checkpoint
-            if not found:
-                raise RunError(f"{ckpt} is neither a checkpoint nor a run folder with checkpoints")
-            ckpt = found[-1]
+        ckpt = find_checkpoint(Path(args.checkpoint))
         trainer = Trainer(program, plan, default_registry(), config, device=args.device)
         trainer.setup()
         trainer.load_state_dict(load_checkpoint(ckpt))
@@ -356,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the objective uses)")
     p.add_argument("--objective", action="store_true", help="also evaluate the objective on the recorded "
                    "extra.policy_logprobs: per-token loss terms and the gradient for each line, the loss on stderr")
+    p.add_argument("--state", metavar="DIR", help="start the stateful stages (trackers, EMAs, adaptive "
+                   "coefficients) from a checkpoint's saved state (a checkpoint folder or a run folder)")
     _add_spec_options(p)
     p.set_defaults(fn=cmd_replay)
     return parser

@@ -49,5 +49,10 @@ def _tensor(x: Any):
 def call(name: str, *inputs: Any, **params: Any) -> Any:
     """Call stage ``name`` as the executor does: parameters validated by its model, defaults filled."""
     st = default_registry()[name]
+    state = params.pop("state", None)
     values = st.params(**params).model_dump()
+    if st.stateful:  # a stateful stage: the given StageState (updated in place), else a fresh one
+        from shapeflow.stdlib.state import StageState
+
+        values["state"] = state if state is not None else StageState(dict(st.state), owner=name)
     return st.fn(*inputs, **values)

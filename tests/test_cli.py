@@ -161,7 +161,7 @@ def test_stages_list_json_and_doc_page(capsys):
     assert code == 0 and "grpo" in out and "losses.ppo_clip" in out
     code, out, _ = run(capsys, "stages", "--json")
     records = json.loads(out)
-    assert all(list(r) == ["name", "kind", "inputs", "output", "params", "needs", "phase", "paper", "doc"]
+    assert all(list(r) == ["name", "kind", "inputs", "output", "params", "needs", "phase", "paper", "state", "doc"]
                for r in records)
     grpo = next(r for r in records if r["name"] == "grpo")
     assert grpo["inputs"] == {"rewards": "Signal[seq]", "groups": "Rollouts"}

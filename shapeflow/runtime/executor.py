@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from shapeflow._lazy import torch
 from shapeflow.compiler.check import Node, Program
 from shapeflow.stdlib.registry import Registry
+from shapeflow.stdlib.state import StageState
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -69,17 +70,27 @@ def run_nodes(
     mask: "Tensor | None" = None,
     ctx: Any = None,
     check: "Callable[[Node, Any], Any] | None" = None,
+    states: "dict[str, StageState] | None" = None,
 ) -> dict[str, Any]:
     """Compute ``order``'s nodes into ``values`` (which holds their inputs already).
 
     Stages declared with ``context=True`` also get ``ctx`` (the runtime's step context);
-    ``check(node, value)``, when given, sees (and may replace) every stage's output."""
+    stateful stages get ``state``: their entry of ``states`` (created there, fresh, when
+    missing; without ``states``, a throwaway fresh state). ``check(node, value)``, when given,
+    sees (and may replace) every stage's output."""
     for node_id in order:
         node = program.nodes[node_id]
         args = [values[src] for _, src in node.inputs]
         if node.op == "stage":
             st = registry[node.stage]
             extra = {"ctx": ctx} if st.context else {}
+            if st.stateful:
+                state = states.get(node_id) if states is not None else None
+                if state is None:
+                    state = new_state(program, node_id, registry)
+                    if states is not None:
+                        states[node_id] = state
+                extra["state"] = state
             try:
                 values[node_id] = st.fn(*args, **node.params, **extra)
             except Exception as exc:  # reported with the spec line; the caller decides to stop
@@ -89,6 +100,21 @@ def run_nodes(
         else:
             values[node_id] = apply_op(node, args, mask)
     return values
+
+
+def new_state(program: Program, node_id: str, registry: Registry, step: int = 0) -> StageState:
+    """A fresh state for a stateful node (its declared keys, the run's length from train.steps)."""
+    node = program.nodes[node_id]
+    train = program.config.get("train") if isinstance(program.config, dict) else None
+    total = int(getattr(train, "steps", 1) or 1)
+    return StageState(dict(registry[node.stage].state), step=step, total_steps=total,
+                      owner=f"'{node.stage}' (binding '{node.binding or node_id}')")
+
+
+def new_states(program: Program, registry: Registry, order: Iterable[str]) -> dict[str, StageState]:
+    """Fresh states for the stateful nodes among ``order``."""
+    return {n: new_state(program, n, registry) for n in order
+            if program.nodes[n].op == "stage" and registry[program.nodes[n].stage].stateful}
 
 
 def downstream_of(program: Program, sources: Iterable[str], order: Iterable[str]) -> list[str]:

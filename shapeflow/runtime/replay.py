@@ -19,7 +19,7 @@ from typing import IO, Any
 from shapeflow._lazy import torch
 from shapeflow.compiler.check import Program
 from shapeflow.runtime.batch import MissingNeed, RolloutBatch, group_index_of
-from shapeflow.runtime.executor import StageError, downstream_of, run_nodes
+from shapeflow.runtime.executor import StageError, downstream_of, new_states, run_nodes
 from shapeflow.stdlib.needs import NEEDS
 from shapeflow.stdlib.registry import Registry, default_registry
 
@@ -219,6 +219,7 @@ def replay(
     registry: Registry | None = None,
     objective: bool = False,
     report: IO[str] | None = None,
+    state: Path | None = None,
 ) -> None:
     """Evaluate the rollout-phase nodes on each recorded step's lines (one batch per `step`
     value; a file without `step` fields is one batch) and write one line per input line.
@@ -226,7 +227,11 @@ def replay(
     With ``objective``, the update-phase nodes run too, on the recorded current-policy
     log-probs (``extra.policy_logprobs``): each line gains the per-token terms of every loss
     stage and the gradient of the aggregated objective with respect to each of its
-    ``policy_logprobs``; the aggregated objective of each batch goes to ``report``."""
+    ``policy_logprobs``; the aggregated objective of each batch goes to ``report``.
+
+    Stateful stages (trackers, EMAs, adaptive coefficients) carry their state from one step to
+    the next, in step order, starting fresh or from the checkpoint ``state`` (a checkpoint
+    folder or a run folder: its newest checkpoint)."""
     registry = registry or default_registry()
     records = read_records(rollouts)
     from shapeflow.compiler.pipeline import build_plan
@@ -240,9 +245,13 @@ def replay(
     steps: dict[Any, list[dict[str, Any]]] = {}
     for rec in records:
         steps.setdefault(rec.get("step"), []).append(rec)
+    states = _initial_states(program, registry, nodes + update, state)
     results: dict[int, str] = {}
-    for step, group in steps.items():
-        lines = _evaluate(program, group, needs, nodes, rollout_nodes, adv_node, registry, update, plan.objective)
+    for step, group in sorted(steps.items(), key=lambda kv: (kv[0] is not None, kv[0] if kv[0] is not None else 0)):
+        for st in states.values():
+            st.step = step if step is not None else 0
+        lines = _evaluate(program, group, needs, nodes, rollout_nodes, adv_node, registry, update, plan.objective,
+                          states)
         for rec, (line, loss) in zip(group, lines):
             results[rec["_line"]] = json.dumps(line)
         if update and report is not None:
@@ -252,7 +261,31 @@ def replay(
         out.write(results[rec["_line"]] + "\n")
 
 
-def _evaluate(program, records, needs, nodes, rollout_nodes, adv_node, registry, update=(), objective=None):
+def _initial_states(program, registry, nodes, checkpoint: Path | None) -> dict:
+    states = new_states(program, registry, nodes)
+    if checkpoint is None:
+        return states
+    from shapeflow.runtime.run import find_checkpoint, load_checkpoint
+    from shapeflow.runtime.trainer import RunError
+
+    try:
+        path = find_checkpoint(checkpoint)
+        saved = load_checkpoint(path).get("stage_state", {})
+    except (RunError, OSError, RuntimeError) as exc:
+        raise ReplayError(f"--state: {exc}") from None
+    missing = sorted(set(states) - set(saved))
+    if missing:
+        raise ReplayError(f"--state: {path} holds no state for {', '.join(missing)} (a checkpoint of another spec?)")
+    for node_id, st in states.items():
+        try:
+            st.load_state_dict(saved[node_id])
+        except ValueError as exc:
+            raise ReplayError(f"--state: {exc}") from None
+    return states
+
+
+def _evaluate(program, records, needs, nodes, rollout_nodes, adv_node, registry, update=(), objective=None,
+              states=None):
     batch = build_batch(records, needs)
     values: dict[str, Any] = {n: batch for n in rollout_nodes}
     policy = None
@@ -260,12 +293,12 @@ def _evaluate(program, records, needs, nodes, rollout_nodes, adv_node, registry,
         policy = batch.extra["policy_logprobs"].clone().requires_grad_(True)
         batch.extra["policy_logprobs"] = policy
     try:
-        run_nodes(program, nodes, values, registry, batch.mask)
+        run_nodes(program, nodes, values, registry, batch.mask, states=states)
         if update:
             for v in list(values.values()):  # batches derived in the rollout phase see the same leaf
                 if isinstance(v, RolloutBatch):
                     v.extra["policy_logprobs"] = policy
-            run_nodes(program, update, values, registry, batch.mask)
+            run_nodes(program, update, values, registry, batch.mask, states=states)
     except StageError as exc:
         cause = exc.cause
         detail = str(cause) if isinstance(cause, MissingNeed) else f"{type(cause).__name__}: {cause}"

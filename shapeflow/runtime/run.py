@@ -68,6 +68,18 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any]) -> Path:
     return final
 
 
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint folder as given, or a run folder's newest checkpoint."""
+    from shapeflow.runtime.trainer import RunError
+
+    if (path / "state.pt").is_file():
+        return path
+    found = checkpoint_dirs(path)
+    if not found:
+        raise RunError(f"{path} is neither a checkpoint nor a run folder with checkpoints")
+    return found[-1]
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 

@@ -25,7 +25,7 @@ from shapeflow.compiler.plan import Plan
 from shapeflow.config import TrainConfig
 from shapeflow.runtime.batch import RolloutBatch
 from shapeflow.runtime.engine import ENGINES, token_logprobs
-from shapeflow.runtime.executor import downstream_of, run_nodes
+from shapeflow.runtime.executor import downstream_of, new_states, run_nodes
 from shapeflow.runtime.sampler import PromptSampler
 from shapeflow.stdlib.registry import Registry
 
@@ -99,6 +99,7 @@ class Trainer:
         self.step_index = 0
         self.nonfinite_scores = 0
         self.nonfinite: dict[str, int] = {}  # signal binding -> responses whose value was NaN/inf
+        self.stage_states = new_states(program, registry, program.nodes)  # stateful nodes' trackers, EMAs...
 
     # --- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -252,7 +253,7 @@ class Trainer:
         values = dict(self.values)
         values[self.rollout_node] = greedy
         run_nodes(self.program, [n for n in self.plan.phases["rollout"] if n in needed], values, self.registry,
-                  greedy.mask, check=self._finite_signals)
+                  greedy.mask, check=self._finite_signals, states=self._state_copies())
         scores = values[source].float()
         if scores.dim() == 2:  # a token-level reward: its total
             scores = (scores * greedy.mask).sum(-1)
@@ -264,8 +265,10 @@ class Trainer:
         rollout_params = self.program.nodes[self.rollout_node].params
         size = self.config.prompts_per_step * int(rollout_params.get("n", 1))
         ctx = StepContext(self, step, micro_rows=[r for mb in self.micro_batches(size, step, 0) for r in mb])
+        for state in self.stage_states.values():
+            state.step = step
         run_nodes(self.program, self.plan.phases["rollout"], values, self.registry, ctx=ctx,
-                  check=self._finite_signals)
+                  check=self._finite_signals, states=self.stage_states)
         batch = values[self.rollout_node]
         if batch.size != size:
             raise RunError(f"the rollout produced {batch.size} responses; expected {size}")
@@ -319,7 +322,7 @@ class Trainer:
                             if self.behaviour_from_update:
                                 v.logprobs = mb.logprobs
                             v.extra.update(current)
-                    run_nodes(program, update_nodes, mb_values, self.registry, mb.mask)
+                    run_nodes(program, update_nodes, mb_values, self.registry, mb.mask, states=self.stage_states)
                     loss = mb_values[self.plan.objective]
                     if not torch.isfinite(loss):
                         raise RunError(f"step {step}: the objective is {float(loss)}; stopping before it "
@@ -395,6 +398,10 @@ class Trainer:
         metrics["rollout/nonfinite_scores"] = float(self.nonfinite_scores)
         for key, count in self.nonfinite.items():
             metrics[f"rollout/nonfinite/{key}"] = float(count)
+        for node_id, state in self.stage_states.items():
+            binding = self.program.nodes[node_id].binding or node_id
+            for key, v in state.metrics().items():
+                metrics[f"state/{binding}/{key}"] = v
         if batch.entropy is not None:
             metrics["rollout/entropy/mean"] = float((batch.entropy * batch.mask).sum() / batch.mask.sum().clamp(min=1))
         if batch.ref_logprobs is not None:
@@ -440,7 +447,7 @@ class Trainer:
         order = [n for n in self.plan.phases["rollout"] if n in wanted]
         values = dict(self.values)
         values[self.rollout_node] = batch
-        run_nodes(self.program, order, values, self.registry, batch.mask)
+        run_nodes(self.program, order, values, self.registry, batch.mask, states=self._state_copies())
         return values[verify_node].float()
 
     def _verify_mean(self, batch, task, verify_node) -> float:
@@ -455,6 +462,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "samplers": {str(i): s.state_dict() for i, s in enumerate(self._ordered_samplers())},
             "rng": {"torch": torch.get_rng_state()},
+            "stage_state": {node_id: st.state_dict() for node_id, st in self.stage_states.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -465,6 +473,15 @@ class Trainer:
             sampler.load_state_dict(s)
         torch.set_rng_state(state["rng"]["torch"])
         self.step_index = state["step"]
+        saved = state.get("stage_state", {})
+        for node_id, st in self.stage_states.items():
+            if node_id in saved:
+                st.load_state_dict(saved[node_id])
+
+    def _state_copies(self) -> dict:
+        """The stage states as copies: a second run of some nodes (the greedy baseline, an
+        evaluation) sees the current state but must not advance it."""
+        return {node_id: st.copy() for node_id, st in self.stage_states.items()}
 
     def _ordered_samplers(self) -> list[PromptSampler]:
         """Samplers in the order of the data nodes of the plan (stable across processes)."""

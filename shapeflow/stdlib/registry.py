@@ -78,6 +78,11 @@ class Stage:
     engine_param: str | None = None  # for rollout stages: the parameter naming the engine
     context: bool = False  # the function takes the runtime's step context as keyword `ctx`
     source: str = "shapeflow"  # "shapeflow" or the plug-in's entry-point name
+    state: tuple[tuple[str, str], ...] = ()  # what it keeps across steps: (key, doc); keyword `state`
+
+    @property
+    def stateful(self) -> bool:
+        return bool(self.state)
 
     @property
     def doc(self) -> str:
@@ -104,6 +109,7 @@ class Stage:
             "needs": sorted(self.needs),
             "phase": self.phase,
             "paper": self.paper,
+            "state": dict(self.state),
             "doc": self.doc,
         }
 
@@ -268,6 +274,7 @@ def _build(
     engine_param: str | None = None,
     context: bool = False,
     source: str = "shapeflow",
+    state: dict[str, str] | None = None,
 ) -> Stage:
     try:
         typed_inputs = tuple((n, parse_type(t)) for n, t in inputs.items())
@@ -287,6 +294,7 @@ def _build(
         engine_param=engine_param,
         context=context,
         source=source,
+        state=tuple((state or {}).items()),
     )
 
 
@@ -328,9 +336,14 @@ def _verify_contract(st: Stage) -> None:
             f"{where}: positional parameters {positional} do not match the declared inputs "
             f"{list(st.input_names())}"
         )
-    fields = set(st.param_names()) | ({"ctx"} if st.context else set())
+    fields = set(st.param_names()) | ({"ctx"} if st.context else set()) | ({"state"} if st.stateful else set())
     if "ctx" in st.param_names():
         raise RegistrationError(f"{where}: 'ctx' is reserved for the runtime context (declare context=True)")
+    if "state" in st.param_names():
+        raise RegistrationError(f"{where}: 'state' is reserved for the stage's own state (declare state={{...}})")
+    for key, doc in st.state:
+        if not (isinstance(key, str) and key.isidentifier() and isinstance(doc, str) and doc):
+            raise RegistrationError(f"{where}: state must map identifier keys to a line of documentation")
     if keyword != fields:
         missing, extra = sorted(fields - keyword), sorted(keyword - fields)
         detail = "; ".join(
@@ -386,6 +399,12 @@ def doc_page(st: Stage) -> str:
             lines.append(f"  {describe_field(fname, info)}")
             if info.description:
                 lines.extend(textwrap.wrap(info.description, 88, initial_indent="      ", subsequent_indent="      "))
+        lines.append("")
+    if st.state:
+        lines.append("State kept across steps (saved in checkpoints, logged as state/<binding>/<key>):")
+        for key, doc in st.state:
+            lines.append(f"  {key}")
+            lines.extend(textwrap.wrap(doc, 88, initial_indent="      ", subsequent_indent="      "))
         lines.append("")
     if st.paper:
         lines.append(f"Paper: {st.paper}")

@@ -99,7 +99,7 @@ def kl_penalty(groups, *, estimator):
 
     verl's ``use_kl_in_reward`` with a fixed coefficient β:
     ``reward r = signals.at_last_token(correct, groups) - 0.001 * rewards.kl_penalty(groups)``
-    (an adaptive β needs state across steps and arrives with stateful stages). Computed in
+    (``rewards.adaptive_kl_penalty`` for verl's adaptive controller). Computed in
     the rollout phase from the behaviour log-probs, so it carries no gradient. Example:
     log-probs [−1.0, −2.0] against a reference [−1.5, −1.0] give k1 [0.5, −1.0].
     """
@@ -109,3 +109,55 @@ def kl_penalty(groups, *, estimator):
     logp = torch.where(mask > 0, groups.need("logprobs"), torch.zeros_like(mask))
     ref = torch.where(mask > 0, groups.need("ref_logprobs"), torch.zeros_like(mask))
     return kl_estimate(logp, ref, estimator) * mask
+
+
+class AdaptiveKlParams(KlPenaltyParams):
+    init_coef: float = Field(0.001, ge=0, le=100, description="β at the first step (verl algorithm.kl_ctrl.kl_coef "
+                             "0.001).")
+    target: float = Field(0.1, gt=0, le=1e6, description="The KL the controller steers to (verl kl_ctrl.target_kl "
+                          "0.1).")
+    horizon: float = Field(10000, gt=0, le=1e12, description="How slowly β moves: each step multiplies it by "
+                           "1 + e·B/horizon (verl kl_ctrl.horizon 10000).")
+
+
+@stage(
+    "rewards.adaptive_kl_penalty",
+    kind="reward",
+    inputs={"groups": "Rollouts"},
+    output="Signal[tok]",
+    params=AdaptiveKlParams,
+    needs=("logprobs", "ref_logprobs"),
+    state={"coef": "β for the next step (starts at init_coef)",
+           "kl": "the last batch's KL, mean over responses of each response's token mean"},
+    paper="Ziegler et al., Fine-Tuning LMs from Human Preferences (adaptive KL controller), arXiv:1909.08593; "
+    "as verl AdaptiveKLController with use_kl_in_reward (catalog B16)",
+)
+def adaptive_kl_penalty(groups, *, estimator, init_coef, target, horizon, state):
+    """β_t · kl_{i,t}, with β adapted each step towards a target KL (to subtract from a reward).
+
+        kl_{i,t} = k(log π_old(y_t) − log π_ref(y_t))          (as rewards.kl_penalty)
+        out_{i,t} = β_t · kl_{i,t}                              (this step's β)
+        KL_t  = mean_i [ Σ_t kl_{i,t} m_{i,t} / (Σ_t m_{i,t} + 1e-8) ]   (verl masked_mean per row, then the mean)
+        e_t   = clip(KL_t / target − 1, −0.2, 0.2)
+        β_t+1 = β_t · (1 + e_t · B / horizon)                   (B responses in the batch)
+
+    As verl's ``apply_kl_penalty``: the batch is penalised with the current β, then the
+    controller is updated with that batch's KL. Use
+    ``reward r = signals.at_last_token(correct, groups) - rewards.adaptive_kl_penalty(groups)``.
+    β and the last KL are the stage's state: saved in checkpoints and logged as
+    ``state/<binding>/coef`` and ``state/<binding>/kl``. Example (init_coef 0.2, target 1,
+    horizon 100, B = 2): a first batch with KL 1.5 is penalised with β = 0.2 and moves β to
+    0.2 · (1 + 0.2 · 2/100) = 0.2008; a second batch with KL 0.5 uses 0.2008 and moves β to
+    0.2008 · (1 − 0.2 · 2/100) = 0.1999968.
+    """
+    kl = kl_penalty(groups, estimator=estimator)  # (B, T), zero on padding
+    beta = float(state.setdefault("coef", float(init_coef)))
+    mask = groups.mask
+    if mask.shape[0] > 0:
+        per_row = kl.sum(-1) / (mask.sum(-1) + 1e-8)  # verl masked_mean(axis=-1): an empty row counts as 0
+        current = float(per_row.mean())
+        error = min(max(current / target - 1.0, -0.2), 0.2)
+        state["coef"] = beta * (1.0 + error * int(mask.shape[0]) / horizon)
+        state["kl"] = current
+    return beta * kl
+

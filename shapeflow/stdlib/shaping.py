@@ -538,19 +538,16 @@ class CanonParams(StageParams):
 
 
 def _canon(rewards, groups, metric, *, variant, mu, alpha, beta, normalizer, schedule, total_steps, warmup_steps,
-           cycles, ctx):
+           cycles, state):
     index, num = groups.group_index, groups.num_groups
     r = rewards.to(torch.float32)
     size = r.numel()
     if size == 0:
         return r.clone()
-    step = getattr(ctx, "step", None)
     mean_reward = r.mean() if schedule == "annealed" else None
-    if schedule in ("cosine_restart", "cosine_restart_r") and step is None:
-        raise ValueError(f"CANON schedule '{schedule}' needs the training step, which this run does not give "
-                         "(replay has none); use schedule = \"fixed\" with mu set to the weight")
-    w = canon_schedule(schedule, step=None if step is None else int(step) + 1, mean_reward=mean_reward, mu=mu,
+    w = canon_schedule(schedule, step=int(state.step) + 1, mean_reward=mean_reward, mu=mu,
                        total_steps=total_steps, warmup_steps=warmup_steps, cycles=cycles)
+    state["weight"] = float(w)
     # regroup: sort by metric (stable: ties keep batch order), then by group; the low half is the first ⌊n/2⌋
     order = torch.argsort(metric, stable=True)
     order = order[torch.argsort(index[order], stable=True)]
@@ -586,9 +583,10 @@ _CANON_DOC_COMMON = """
     μ = 0.5, α = 1, β = 0 gives Dr.GRPO (R − mean)/Z when n is even (halves of equal size).
     Corner cases, as coded: an all-equal group
     is 0 only when α = 1 and β = 0 (else α and β shift it); a group of one response is not 0:
-    it counts as C⁺ with μ⁻ = μ⁺ = 0. The cosine schedules read the runtime's step (0-based)
-    and pass step + 1, as verl's global_steps; replay has no step, so they stop with an error
-    there. Shapes: rewards (B,) → (B,).
+    it counts as C⁺ with μ⁻ = μ⁺ = 0. The cosine schedules read the step from the stage state
+    (0-based in shapeflow; step + 1 is verl's global_steps; replay takes it from each line's
+    `step`), and the weight w in use is logged as ``state/<binding>/weight``.
+    Shapes: rewards (B,) → (B,).
 """
 
 
@@ -599,10 +597,10 @@ _CANON_DOC_COMMON = """
     output="Advantage[seq]",
     params=CanonParams,
     paper=_CANON_PAPER,
-    context=True,
+    state={"weight": "w, the weight of the inter-group term at the last step (from the schedule)"},
 )
 def canon_entropy(rewards, groups, entropy, *, mu, alpha, beta, normalizer, schedule, total_steps, warmup_steps,
-                  cycles, ctx=None):
+                  cycles, state):
     """CANON by entropy: responses regrouped by mean token entropy, judged against the other half.
 
         m_i = Σ_t H_{i,t} m_{i,t} / (Σ_t m_{i,t} + 1e-8)        (verl masked_mean; 0 for an empty response)
@@ -624,7 +622,7 @@ def canon_entropy(rewards, groups, entropy, *, mu, alpha, beta, normalizer, sche
     if h.dim() == 2:
         h = to_tokens(h, mask).sum(-1) / (mask.sum(-1).to(torch.float32) + 1e-8)
     return _canon(rewards, groups, h, variant="entropy", mu=mu, alpha=alpha, beta=beta, normalizer=normalizer,
-                  schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps, cycles=cycles, ctx=ctx)
+                  schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps, cycles=cycles, state=state)
 
 
 @stage(
@@ -634,10 +632,10 @@ def canon_entropy(rewards, groups, entropy, *, mu, alpha, beta, normalizer, sche
     output="Advantage[seq]",
     params=CanonParams,
     paper=_CANON_PAPER,
-    context=True,
+    state={"weight": "w, the weight of the inter-group term at the last step (from the schedule)"},
 )
 def canon_length(rewards, groups, lengths, *, mu, alpha, beta, normalizer, schedule, total_steps, warmup_steps,
-                 cycles, ctx=None):
+                 cycles, state):
     """CANON by length: responses regrouped by length, judged against the other half.
 
         m_i = |o_i|   (``signals.length(groups)``)
@@ -652,7 +650,7 @@ def canon_length(rewards, groups, lengths, *, mu, alpha, beta, normalizer, sched
     """
     m = lengths.to(torch.float32)
     return _canon(rewards, groups, m, variant="length", mu=mu, alpha=alpha, beta=beta, normalizer=normalizer,
-                  schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps, cycles=cycles, ctx=ctx)
+                  schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps, cycles=cycles, state=state)
 
 
 canon_entropy.__doc__ = canon_entropy.__doc__.replace("{common}", _CANON_DOC_COMMON)
