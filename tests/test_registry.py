@@ -134,3 +134,32 @@ def test_plugin_stages_load_from_entry_points(tmp_path):
     assert "plug-in 'broken_stages' (broken_stages) failed to load" in proc.stderr
     proc = _shapeflow(site, tmp_path, "stages", "acme.half")
     assert "from plug-in: acme_stages" in proc.stdout and "factor: number = 0.5  (> 0)" in proc.stdout
+
+
+def test_a_need_can_name_a_stage_parameter():
+    """``logprobs@{t_high}``: the checker fills in the parameter (DCPO's log-probs at T)."""
+    from shapeflow.stdlib.needs import need_info, resolve_needs
+    from shapeflow.stdlib.registry import RegistrationError, Registry, StageParams
+
+    class P(StageParams):
+        t_high: float = 1.2
+
+    reg = Registry()
+
+    def tempered(groups, *, t_high):
+        return groups
+
+    reg.stage("x.tempered", kind="reward", inputs={"groups": "Rollouts"}, output="Rollouts", params=P,
+              needs=("logprobs@{t_high}",))(tempered)
+    assert resolve_needs(reg["x.tempered"].needs, {"t_high": 1.2}) == {"logprobs@1.2"}
+    info = need_info("logprobs@1.2")
+    assert (info.field, info.level, info.provider) == ("extra.logprobs@1.2", "tok", "trainer")
+    assert info.doc.startswith("behaviour log-probs of the sampled tokens at another temperature T = 1.2")
+    assert need_info("logprobs@") is None and need_info("nothing@1") is None
+
+    def wrong(groups, *, t_high):
+        return groups
+
+    with pytest.raises(RegistrationError, match="need 'logprobs@\\{t_low\\}' names 't_low', which is not a parameter"):
+        reg.stage("x.wrong", kind="reward", inputs={"groups": "Rollouts"}, output="Rollouts", params=P,
+                  needs=("logprobs@{t_low}",))(wrong)

@@ -223,6 +223,36 @@ def test_shared_prompt_forward_equals_a_full_forward():
     assert torch.allclose(shared.hidden, hidden, atol=1e-5, rtol=0)
 
 
+def test_full_logit_reductions_equal_a_full_forward_and_are_computed_only_when_asked():
+    """sampled_logit (raw), self_certainty (logsumexp − mean of z/τ, every position) and
+    logprobs@T (log-probs at another temperature) from the behaviour pass."""
+    import torch
+
+    from shapeflow.runtime.engine import token_logprobs, token_needs
+
+    assert token_needs({"logprobs", "entropy", "sampled_logit", "logprobs@1.2"}) == {"sampled_logit", "logprobs@1.2"}
+    trainer = trainer_for()
+    trainer.train_step(0)
+    assert not trainer.token_extras and "sampled_logit" not in trainer.last_batch.extra  # not asked: not computed
+    b, model = trainer.last_batch, trainer.policy.model
+    with torch.no_grad():
+        got = token_logprobs(model, b.prompt_tokens, b.prompt_mask, b.response_ids, b.mask, temperature=0.7,
+                             extras=frozenset({"sampled_logit", "self_certainty", "logprobs@1.2"}))
+        ids = torch.cat([b.prompt_tokens, b.response_ids], 1)
+        attention = torch.cat([b.prompt_mask, b.mask.long()], 1)
+        out = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0))
+        P = b.prompt_tokens.shape[1]
+        raw = out.logits[:, P - 1 : -1].float()
+        sampled = raw.gather(-1, b.response_ids[..., None]).squeeze(-1)
+        certainty = (raw / 0.7).logsumexp(-1) - (raw / 0.7).mean(-1)
+        at = (raw / 1.2).gather(-1, b.response_ids[..., None]).squeeze(-1) - (raw / 1.2).logsumexp(-1)
+    valid = b.mask > 0
+    assert torch.allclose(got.extra["sampled_logit"], sampled * b.mask, atol=1e-5, rtol=0)
+    assert torch.allclose(got.extra["logprobs@1.2"], at * b.mask, atol=1e-5, rtol=0)
+    assert torch.allclose(got.extra["self_certainty"][valid], certainty[valid], atol=1e-4, rtol=0)
+    assert (got.extra["self_certainty"][~valid] != 0).all()  # padding positions keep their values (UCAS's code)
+
+
 @pytest.mark.slow
 def test_the_demo_raises_held_out_accuracy_by_twenty_points(tmp_path):
     """`make demo`'s run: specs/grpo.shape as it stands, on the builtin model."""

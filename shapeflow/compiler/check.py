@@ -21,7 +21,7 @@ from shapeflow.compiler.resolve import COMMAND_LINE, Resolved
 from shapeflow.config import CONFIG_BLOCKS
 from shapeflow.dsl import ast
 from shapeflow.dsl.diagnostics import Diagnostics, Span
-from shapeflow.stdlib.needs import NEEDS, TRAINER_PROVIDES
+from shapeflow.stdlib.needs import need_info, provided_by_trainer, resolve_needs
 from shapeflow.stdlib.params import bounds, type_words
 from shapeflow.stdlib.registry import Registry, Stage
 
@@ -513,7 +513,7 @@ class Checker:
             phase = max(in_phases, key=_PHASE_ORDER.get, default="rollout")
         self.nodes[node_id] = Node(
             id=node_id, op=op, stage=stage_name, params=params, inputs=inputs, type=t, phase=phase,
-            needs=st.needs if st else frozenset(), binding=None, kind=None, span=span, order=len(self.nodes),
+            needs=resolve_needs(st.needs, params) if st else frozenset(), binding=None, kind=None, span=span, order=len(self.nodes),
         )
         return node_id
 
@@ -576,11 +576,11 @@ class Checker:
                 continue
             for rid in self._upstream_rollouts(node.id):
                 engine = self.reg.engines.get(prog.engines[rid])
-                provided = (engine.provides if engine else frozenset()) | TRAINER_PROVIDES
-                for need in sorted(node.needs - provided):
+                provided = engine.provides if engine else frozenset()
+                for need in sorted(n for n in node.needs if n not in provided and not provided_by_trainer(n)):
                     self.diags.error(
                         node.span, "E700",
-                        f"'{node.stage}' needs '{need}' ({NEEDS[need].doc}), which rollout engine "
+                        f"'{node.stage}' needs '{need}' ({need_info(need).doc}), which rollout engine "
                         f"'{prog.engines[rid]}' (binding '{self.nodes[rid].binding or rid}') does not provide",
                         "engines that do: " + (", ".join(sorted(
                             e.name for e in self.reg.engines.values() if need in e.provides)) or "none yet"),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shapeflow._lazy import torch
-from shapeflow.stdlib.needs import NEEDS
+from shapeflow.stdlib.needs import need_info
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -62,7 +62,8 @@ class RolloutBatch:
 
     def need(self, name: str) -> Any:
         """The recorded value of need ``name``, or a MissingNeed naming the field."""
-        where = NEEDS[name].field if name in NEEDS else f"extra.{name}"
+        info = need_info(name)
+        where = info.field if info is not None else f"extra.{name}"
         value = self.extra.get(where.removeprefix("extra.")) if where.startswith("extra.") else {
             "prompt": self.prompts,
             "answer": self.answers,

@@ -11,7 +11,7 @@ Engines only sample tokens. Each is registered under the name a spec gives to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,6 +29,15 @@ class TokenStats:
     logprobs: "Tensor"  # (B, T) log-prob of each response token, zero on padding
     entropy: "Tensor | None" = None  # (B, T) full-vocabulary entropy
     hidden: "Tensor | None" = None  # (B, T, H) last-layer hidden state
+    extra: dict = field(default_factory=dict)  # the token needs asked for by name (see TOKEN_NEEDS)
+
+
+TOKEN_NEEDS = ("self_certainty", "sampled_logit")  # and "logprobs@T": reductions of the full logits
+
+
+def token_needs(needs) -> frozenset[str]:
+    """The needs among ``needs`` that the behaviour pass computes from the full logits."""
+    return frozenset(n for n in needs if n in TOKEN_NEEDS or n.startswith("logprobs@"))
 
 
 def new_cache(model):
@@ -70,11 +79,17 @@ def token_logprobs(
     entropy: bool = False,
     hidden: bool = False,
     entropy_grad: bool = False,
+    extras: frozenset[str] = frozenset(),
 ) -> TokenStats:
     """Log π(y_t | x, y_<t) of each response token under ``model`` at ``temperature``.
 
     ``entropy`` adds the full-vocabulary token entropy, as a statistic (no gradient) unless
     ``entropy_grad`` asks for it to be differentiable (an entropy bonus in the loss).
+    ``extras`` names further per-token reductions of the logits (``token_needs``), computed
+    only when asked for: ``sampled_logit`` (the raw logit of the sampled token, before the
+    temperature), ``self_certainty`` (logsumexp(z/τ) − mean(z/τ), at every position, padding
+    included, as verl computes it for UCAS) and ``logprobs@T`` (log softmax(z/T) of the
+    sampled token at another temperature T).
 
     Shapes: prompt (B, P) left-padded, response (B, T) right-padded. Position ids follow the
     attention mask, as `generate` assigns them. The responses of one prompt share it: each
@@ -93,8 +108,8 @@ def token_logprobs(
     cache.reorder_cache(inverse)  # (U, ...) -> (B, ...): each response reads its prompt's keys/values
     out = model(input_ids=response_ids, attention_mask=attention, position_ids=positions[:, P:],
                 use_cache=True, output_hidden_states=hidden, **with_cache(model, cache))
-    logits = torch.cat([prefix.logits[inverse, -1:, :], out.logits[:, :-1, :]], dim=1)  # (B, T, V)
-    logits = logits.float() / temperature
+    raw = torch.cat([prefix.logits[inverse, -1:, :], out.logits[:, :-1, :]], dim=1)  # (B, T, V)
+    logits = raw.float() / temperature
     logz = torch.logsumexp(logits, dim=-1)  # (B, T)
     chosen = logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
     mask = response_mask.to(logits.dtype)
@@ -107,7 +122,23 @@ def token_logprobs(
             stats.entropy = (logz.detach() - (torch.softmax(detached, dim=-1) * detached).sum(-1)) * mask
     if hidden:
         stats.hidden = out.hidden_states[-1] * mask.unsqueeze(-1)
+    if extras:
+        with torch.no_grad():
+            stats.extra = _logit_reductions(raw.detach(), logits.detach(), logz.detach(), response_ids, mask, extras)
     return stats
+
+
+def _logit_reductions(raw, logits, logz, response_ids, mask, extras) -> dict:
+    out = {}
+    ids = response_ids.unsqueeze(-1)
+    if "sampled_logit" in extras:
+        out["sampled_logit"] = raw.gather(-1, ids).squeeze(-1).float() * mask
+    if "self_certainty" in extras:  # unmasked on purpose: UCAS's code sums it over every position
+        out["self_certainty"] = logz - logits.mean(-1)
+    for name in sorted(n for n in extras if n.startswith("logprobs@")):
+        scaled = raw.float() / float(name.partition("@")[2])
+        out[name] = (scaled.gather(-1, ids).squeeze(-1) - torch.logsumexp(scaled, dim=-1)) * mask
+    return out
 
 
 def sample_next(logits: "Tensor", *, temperature: float, top_p: float, top_k: int, greedy: bool) -> "Tensor":

@@ -20,7 +20,7 @@ from shapeflow._lazy import torch
 from shapeflow.compiler.check import Program
 from shapeflow.runtime.batch import MissingNeed, RolloutBatch, group_index_of
 from shapeflow.runtime.executor import StageError, downstream_of, new_states, run_nodes
-from shapeflow.stdlib.needs import NEEDS
+from shapeflow.stdlib.needs import need_info
 from shapeflow.stdlib.registry import Registry, default_registry
 
 PER_TOKEN = ("logprobs", "ref_logprobs", "entropy", "response_ids")
@@ -88,7 +88,7 @@ def _validate(rec: dict[str, Any], lineno: int) -> None:
     if not isinstance(extra, dict):
         raise _fail(lineno, "'extra' must be an object")
     for key, value in extra.items():
-        need = NEEDS.get(key)
+        need = need_info(key)
         if need is not None and need.level == "tok":
             if not isinstance(value, list) or not all(_is_number(v) for v in value):
                 raise _fail(lineno, f"'extra.{key}' must be a list of numbers (one per token)")
@@ -128,11 +128,12 @@ def _padded(rows: list[list[float]], width: int, dtype) -> "torch.Tensor":
 def build_batch(records: list[dict[str, Any]], needs: set[str]) -> RolloutBatch:
     """Recorded lines → a RolloutBatch, checking that every need is present on every line."""
     for need in sorted(needs):
-        field = NEEDS[need].field
+        info = need_info(need)
+        field = info.field
         for rec in records:
             present = rec.get("extra", {}).get(field[6:]) if field.startswith("extra.") else rec.get(field)
             if present is None:
-                raise _fail(rec["_line"], f"the spec needs '{field}' ({NEEDS[need].doc}), which this line lacks")
+                raise _fail(rec["_line"], f"the spec needs '{field}' ({info.doc}), which this line lacks")
     lengths = [_token_count(r) for r in records]
     width = max(lengths, default=0)
     mask = torch.zeros(len(records), width)
@@ -158,7 +159,7 @@ def build_batch(records: list[dict[str, Any]], needs: set[str]) -> RolloutBatch:
     extra: dict[str, Any] = {}
     for key in set().union(*(r.get("extra", {}).keys() for r in records)):
         values = [r.get("extra", {}).get(key) for r in records]
-        need = NEEDS.get(key)
+        need = need_info(key)
         if need is not None and need.level == "tok" and all(v is not None for v in values):
             extra[key] = _padded(values, width, torch.float32)
         else:

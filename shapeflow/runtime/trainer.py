@@ -24,7 +24,7 @@ from shapeflow.compiler.check import Program
 from shapeflow.compiler.plan import Plan
 from shapeflow.config import TrainConfig
 from shapeflow.runtime.batch import RolloutBatch
-from shapeflow.runtime.engine import ENGINES, token_logprobs
+from shapeflow.runtime.engine import ENGINES, token_logprobs, token_needs
 from shapeflow.runtime.executor import downstream_of, new_states, run_nodes
 from shapeflow.runtime.sampler import PromptSampler
 from shapeflow.stdlib.registry import Registry
@@ -138,10 +138,12 @@ class Trainer:
         # behaviour pass (same weights, same micro-batches): reuse it instead of running it twice,
         # unless a rollout-phase stage needs token statistics before the update.
         rollout_needs = set().union(*(self.program.nodes[n].needs for n in self.plan.phases["rollout"]))
+        self.token_extras = token_needs(self.program.needs)  # full-logit reductions, only when asked for
         self.behaviour_from_update = (
             self.config.ppo_epochs == 1 and self.config.minibatches == 1
             and not rollout_needs & {"logprobs", "entropy", "hidden_states"}
             and not {"entropy", "hidden_states"} & set(self.program.needs)
+            and not self.token_extras
         )
 
     def _lr_factor(self, step: int) -> float:
@@ -198,8 +200,10 @@ class Trainer:
             rows = rows.to(batch.mask.device)
             stats = token_logprobs(model, batch.prompt_tokens[rows], batch.prompt_mask[rows],
                                    batch.response_ids[rows], batch.mask[rows], temperature=temperature,
-                                   entropy=want_entropy, hidden=want_hidden)
+                                   entropy=want_entropy, hidden=want_hidden, extras=self.token_extras)
             batch.logprobs[rows] = stats.logprobs
+            for name, value in stats.extra.items():
+                batch.extra.setdefault(name, torch.zeros(B, T, device=batch.mask.device))[rows] = value
             if want_entropy:
                 batch.entropy[rows] = stats.entropy
             if want_hidden:

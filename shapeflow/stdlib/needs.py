@@ -38,7 +38,59 @@ NEEDS: dict[str, Need] = {
              "(ReMax); one extra greedy rollout per prompt", "trainer"),
         Need("policy_logprobs", "tok", "extra.policy_logprobs", "current-policy log-probs (update phase)", "trainer"),
         Need("policy_entropy", "tok", "extra.policy_entropy", "current-policy token entropy (update phase, with gradient)", "trainer"),
+        Need("self_certainty", "tok", "extra.self_certainty",
+             "logsumexp(z/τ) − mean(z/τ) over the vocabulary at each response position, τ the rollout temperature "
+             "(UCAS); computed at every position of the padded batch, padding included, as verl's actor does",
+             "trainer"),
+        Need("sampled_logit", "tok", "extra.sampled_logit",
+             "the raw logit (before temperature) of each sampled token (UCAS token certainty)", "trainer"),
     )
 }
+
+# Needs with a parameter: a stage declares ``"logprobs@{t_high}"`` and the checker fills in the
+# stage's parameter value, giving e.g. ``logprobs@1.2`` (DCPO's old-policy log-probs at T = 1.2).
+TEMPLATES: dict[str, Need] = {
+    n.name: n
+    for n in (
+        Need("logprobs@", "tok", "extra.logprobs@",
+             "behaviour log-probs of the sampled tokens at another temperature T: log softmax(z/T)[y] "
+             "(one extra log-softmax of the behaviour pass's logits per temperature)", "trainer"),
+    )
+}
+
+
+def need_info(name: str) -> Need | None:
+    """The Need called ``name``: a fixed one, or a filled-in template (``logprobs@1.2``)."""
+    if name in NEEDS:
+        return NEEDS[name]
+    prefix, at, value = name.partition("@")
+    template = TEMPLATES.get(prefix + at) if at else None
+    if template is None or not value:
+        return None
+    return Need(name, template.level, template.field + value, template.doc.replace(" T", f" T = {value}", 1),
+                template.provider)
+
+
+def template_param(name: str) -> str | None:
+    """``"logprobs@{t_high}"`` → ``"t_high"``: the parameter a declared template need names."""
+    prefix, at, rest = name.partition("@")
+    if at and prefix + at in TEMPLATES and rest.startswith("{") and rest.endswith("}"):
+        return rest[1:-1]
+    return None
+
+
+def resolve_needs(needs, params: dict) -> frozenset[str]:
+    """A node's needs with each template filled in from its parameters (``logprobs@1.2``)."""
+    out = set()
+    for name in needs:
+        param = template_param(name)
+        out.add(name if param is None else f"{name.partition('@')[0]}@{float(params[param]):g}")
+    return frozenset(out)
+
+
+def provided_by_trainer(name: str) -> bool:
+    info = need_info(name)
+    return info is not None and info.provider == "trainer"
+
 
 TRAINER_PROVIDES = frozenset(n.name for n in NEEDS.values() if n.provider == "trainer")

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from shapeflow._cache import cache_root, write_atomic
 from shapeflow.compiler.types import Type, parse_type
-from shapeflow.stdlib.needs import NEEDS
+from shapeflow.stdlib.needs import NEEDS, template_param
 
 STAGE_KINDS = ("model", "data", "rollout", "verify", "reward", "signal", "advantage", "loss")
 PHASES = ("setup", "rollout", "update")
@@ -309,7 +309,7 @@ def _verify_contract(st: Stage) -> None:
         raise RegistrationError(f"{where}: phase '{st.phase}' is not one of {', '.join(PHASES)}")
     if not (isinstance(st.params, type) and issubclass(st.params, StageParams)):
         raise RegistrationError(f"{where}: params must be a subclass of StageParams")
-    unknown = sorted(st.needs - NEEDS.keys())
+    unknown = sorted(n for n in st.needs if n not in NEEDS and template_param(n) is None)
     if unknown:
         raise RegistrationError(f"{where}: unknown needs {unknown}; known: {', '.join(sorted(NEEDS))}")
     for n, t in st.inputs + (("output", st.output),):
@@ -319,6 +319,10 @@ def _verify_contract(st: Stage) -> None:
         raise RegistrationError(f"{where}: output level '*' needs an input with level '*'")
     if st.engine_param is not None and st.engine_param not in st.params.model_fields:
         raise RegistrationError(f"{where}: engine_param '{st.engine_param}' is not a parameter")
+    for n in st.needs:
+        param = template_param(n)
+        if param is not None and param not in st.param_names():
+            raise RegistrationError(f"{where}: need '{n}' names '{param}', which is not a parameter")
     overlap = set(st.input_names()) & set(st.param_names())
     if overlap:
         raise RegistrationError(f"{where}: {sorted(overlap)} are both inputs and parameters")
