@@ -552,11 +552,15 @@ class Checker:
     def _check_unused(self) -> None:
         """Warn about the top spec's own unused definitions (a parent's may be unused by design)."""
         top = self.r.file
+        needed = set().union(*(n.needs for n in self.nodes.values())) if self.nodes else set()
         for name, b in self.r.bindings.items():
             if b.span.file != top:
                 continue
             if self.binding_values.get(name) is None:
                 continue  # its own error says enough
+            node = self.nodes.get(name)
+            if node is not None and node.op == "stage" and self.reg[node.stage].provides & needed:
+                continue  # a critic: used through the needs it supplies
             if b.kind != "objective" and name not in self.used_names | self.suggested:
                 self.diags.warning(b.name_span, "W100", f"binding '{name}' is never used",
                                    "use it in the objective, or remove it")
@@ -571,6 +575,14 @@ class Checker:
                 st = self.reg[node.stage]
                 prog.engines[node.id] = node.params[st.engine_param]
         self.engines = prog.engines
+        supplied = {need: nid for nid, node in self.nodes.items() if node.op == "stage"
+                    for need in self.reg[node.stage].provides}
+        for node in self.nodes.values():
+            for need in sorted(n for n in node.needs if need_info(n).provider == "model" and n not in supplied):
+                makers = sorted(s.name for s in self.reg.stages.values() if need in s.provides)
+                self.diags.error(node.span, "E701", f"'{node.stage}' needs '{need}' ({need_info(need).doc}), and "
+                                 "no model in this spec supplies it",
+                                 f"declare a model that does ({', '.join(makers) or 'none registered'})")
         for node in self.nodes.values():
             if not node.needs:
                 continue

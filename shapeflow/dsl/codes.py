@@ -50,6 +50,7 @@ CODES: dict[str, str] = {
     "E602": "extends target outside the allowed folders",
     "E603": "extends target is not a .shape file",
     "E700": "need that the rollout engine does not provide",
+    "E701": "a stage needs what only a model (such as a critic) supplies, and no such model is declared",
     "E800": "--set names nothing settable",
     "E801": "--set value cannot be read",
     "W100": "binding never used",

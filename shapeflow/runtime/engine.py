@@ -30,6 +30,7 @@ class TokenStats:
     entropy: "Tensor | None" = None  # (B, T) full-vocabulary entropy
     hidden: "Tensor | None" = None  # (B, T, H) last-layer hidden state
     extra: dict = field(default_factory=dict)  # the token needs asked for by name (see TOKEN_NEEDS)
+    values: "Tensor | None" = None  # (B, T) a value head's V(s_t), zero on padding
 
 
 TOKEN_NEEDS = ("self_certainty", "sampled_logit")  # and "logprobs@T": reductions of the full logits
@@ -80,6 +81,7 @@ def token_logprobs(
     hidden: bool = False,
     entropy_grad: bool = False,
     extras: frozenset[str] = frozenset(),
+    value_head=None,
 ) -> TokenStats:
     """Log π(y_t | x, y_<t) of each response token under ``model`` at ``temperature``.
 
@@ -89,7 +91,8 @@ def token_logprobs(
     only when asked for: ``sampled_logit`` (the raw logit of the sampled token, before the
     temperature), ``self_certainty`` (logsumexp(z/τ) − mean(z/τ), at every position, padding
     included, as verl computes it for UCAS) and ``logprobs@T`` (log softmax(z/T) of the
-    sampled token at another temperature T).
+    sampled token at another temperature T). ``value_head`` (a module on the last hidden state)
+    adds the values V(s_t) of the state each response token is chosen in, from the same forward.
 
     Shapes: prompt (B, P) left-padded, response (B, T) right-padded. Position ids follow the
     attention mask, as `generate` assigns them. The responses of one prompt share it: each
@@ -103,11 +106,13 @@ def token_logprobs(
     positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
     first, inverse = unique_prompts(prompt_tokens)
     cache = new_cache(model)
+    want_states = value_head is not None
     prefix = model(input_ids=prompt_tokens[first], attention_mask=prompt_mask[first],
-                   position_ids=positions[first, :P], use_cache=True, **with_cache(model, cache))
+                   position_ids=positions[first, :P], use_cache=True, output_hidden_states=want_states,
+                   **with_cache(model, cache))
     cache.reorder_cache(inverse)  # (U, ...) -> (B, ...): each response reads its prompt's keys/values
     out = model(input_ids=response_ids, attention_mask=attention, position_ids=positions[:, P:],
-                use_cache=True, output_hidden_states=hidden, **with_cache(model, cache))
+                use_cache=True, output_hidden_states=hidden or want_states, **with_cache(model, cache))
     raw = torch.cat([prefix.logits[inverse, -1:, :], out.logits[:, :-1, :]], dim=1)  # (B, T, V)
     logits = raw.float() / temperature
     logz = torch.logsumexp(logits, dim=-1)  # (B, T)
@@ -122,6 +127,9 @@ def token_logprobs(
             stats.entropy = (logz.detach() - (torch.softmax(detached, dim=-1) * detached).sum(-1)) * mask
     if hidden:
         stats.hidden = out.hidden_states[-1] * mask.unsqueeze(-1)
+    if want_states:
+        states = torch.cat([prefix.hidden_states[-1][inverse, -1:], out.hidden_states[-1][:, :-1]], dim=1)
+        stats.values = value_head(states.to(value_head.weight.dtype)).squeeze(-1).float() * mask
     if extras:
         with torch.no_grad():
             stats.extra = _logit_reductions(raw.detach(), logits.detach(), logz.detach(), response_ids, mask, extras)
@@ -139,6 +147,26 @@ def _logit_reductions(raw, logits, logz, response_ids, mask, extras) -> dict:
         scaled = raw.float() / float(name.partition("@")[2])
         out[name] = (scaled.gather(-1, ids).squeeze(-1) - torch.logsumexp(scaled, dim=-1)) * mask
     return out
+
+
+def token_values(model, value_head, prompt_tokens: "Tensor", prompt_mask: "Tensor", response_ids: "Tensor",
+                 response_mask: "Tensor") -> "Tensor":
+    """(B, T) V(s_t) of a separate critic: ``value_head`` on the last hidden state of ``model``'s
+    body (no language-model head), at the state before each response token, as the log-probs
+    are aligned; each prompt runs once per group, as in ``token_logprobs``."""
+    body = model.base_model
+    P = prompt_tokens.shape[1]
+    attention = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    first, inverse = unique_prompts(prompt_tokens)
+    cache = new_cache(model)
+    prefix = body(input_ids=prompt_tokens[first], attention_mask=prompt_mask[first], position_ids=positions[first, :P],
+                  use_cache=True, **with_cache(body, cache))
+    cache.reorder_cache(inverse)
+    out = body(input_ids=response_ids, attention_mask=attention, position_ids=positions[:, P:], use_cache=True,
+               **with_cache(body, cache))
+    states = torch.cat([prefix.last_hidden_state[inverse, -1:], out.last_hidden_state[:, :-1]], dim=1)
+    return value_head(states.to(value_head.weight.dtype)).squeeze(-1).float() * response_mask.to(torch.float32)
 
 
 def sample_next(logits: "Tensor", *, temperature: float, top_p: float, top_k: int, greedy: bool) -> "Tensor":

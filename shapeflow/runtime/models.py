@@ -114,6 +114,38 @@ class Policy:
         return pad if pad is not None else self.tokenizer.eos_token_id
 
 
+@dataclass
+class Critic:
+    """The value of a critic stage: a value head V(s) = w·h + b on the last hidden state, reading
+    the policy's own trunk (``model`` None: one forward serves both) or a model of its own."""
+
+    head: Any  # torch.nn.Linear(hidden_size, 1), registered as a submodule of the model it reads
+    model: Any | None  # a separate transformers model, or None for the policy's trunk
+    lr: float | None  # its learning rate (None: train.lr)
+    source: str
+
+    @property
+    def shared(self) -> bool:
+        return self.model is None
+
+
+def new_value_head(model, seed: int = 0):
+    """A Linear(hidden, 1) initialised as transformers initialises a token-classification head
+    (normal with the config's initializer_range, zero bias), attached to ``model`` as
+    ``value_head`` so that it moves, trains and is saved with it."""
+    import torch
+
+    config = model.config
+    head = torch.nn.Linear(config.hidden_size, 1)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.normal_(0.0, float(getattr(config, "initializer_range", 0.02)), generator=generator)
+        head.bias.zero_()
+    head.to(next(model.parameters()).device)
+    model.add_module("value_head", head)
+    return head
+
+
 def load_policy(path: str, dtype: str = "auto") -> Policy:
     """Load ``path`` (a local folder, or ``builtin:NAME``) as a Policy, offline."""
     import torch

@@ -24,7 +24,8 @@ from shapeflow.compiler.check import Program
 from shapeflow.compiler.plan import Plan
 from shapeflow.config import TrainConfig
 from shapeflow.runtime.batch import RolloutBatch
-from shapeflow.runtime.engine import ENGINES, token_logprobs, token_needs
+from shapeflow.runtime.engine import ENGINES, token_logprobs, token_needs, token_values
+from shapeflow.runtime.models import Critic, Policy
 from shapeflow.runtime.executor import downstream_of, new_states, run_nodes
 from shapeflow.runtime.sampler import PromptSampler
 from shapeflow.stdlib.registry import Registry
@@ -96,6 +97,7 @@ class Trainer:
         self.samplers: dict[int, PromptSampler] = {}
         self.engines: dict[tuple[str, int], Any] = {}
         self.reference = None
+        self.critic = self.critic_model = None
         self.step_index = 0
         self.nonfinite_scores = 0
         self.nonfinite: dict[str, int] = {}  # signal binding -> responses whose value was NaN/inf
@@ -115,21 +117,34 @@ class Trainer:
         self.accelerator = Accelerator(cpu=not use_cuda, mixed_precision=precision)
         self.device = self.accelerator.device
         run_nodes(self.program, self.plan.phases["setup"], self.values, self.registry)
-        policies = [n for n in self.plan.phases["setup"] if self.program.nodes[n].type.base == "Model"]
+        models = [n for n in self.plan.phases["setup"] if self.program.nodes[n].type.base == "Model"]
+        policies = [n for n in models if isinstance(self.values[n], Policy)]
+        critics = [n for n in models if isinstance(self.values[n], Critic)]
         if len(policies) != 1:
-            raise RunError(f"a run trains exactly one model; this spec has {len(policies)}")
+            raise RunError(f"a run trains exactly one policy; this spec has {len(policies)}")
+        if len(critics) > 1:
+            raise RunError(f"a run trains at most one critic; this spec has {len(critics)}")
         self.policy_node = policies[0]
         self.policy = self.values[self.policy_node]
+        self.critic = self.values[critics[0]] if critics else None
         self.policy.model.to(self.device)
+        if self.critic is not None and not self.critic.shared:
+            self.critic.model.to(self.device)
         if "ref_logprobs" in self.program.needs:  # a frozen copy, only when a stage asks for it
             self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
         cfg = self.config
-        params = list(self.policy.model.parameters())
-        fused = all(p.dtype == torch.float32 for p in params)  # one kernel per step: much faster on CPU
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+        groups = self._param_groups()
+        fused = all(p.dtype == torch.float32 for g in groups for p in g["params"])  # one kernel: much faster on CPU
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                       fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy.model, optimizer, scheduler)
+        if self.critic is None or self.critic.shared:
+            self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy.model, optimizer,
+                                                                                  scheduler)
+            self.critic_model = self.model if self.critic is not None else None
+        else:
+            self.model, self.critic_model, self.optimizer, self.scheduler = self.accelerator.prepare(
+                self.policy.model, self.critic.model, optimizer, scheduler)
         self.rollout_nodes = [n for n in self.plan.phases["rollout"] if n in self.program.engines]
         if len(self.rollout_nodes) != 1:
             raise RunError(f"a run needs exactly one rollout; this spec has {len(self.rollout_nodes)}")
@@ -144,7 +159,24 @@ class Trainer:
             and not rollout_needs & {"logprobs", "entropy", "hidden_states"}
             and not {"entropy", "hidden_states"} & set(self.program.needs)
             and not self.token_extras
+            and "values" not in self.program.needs
         )
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """The policy's parameters, and the critic's (its head, and its own model if it has one)
+        in a group of their own when the critic sets a learning rate."""
+        critic = self.critic
+        if critic is None:
+            return [{"params": list(self.policy.model.parameters())}]
+        head = {id(p) for p in critic.head.parameters()}
+        policy = [p for p in self.policy.model.parameters() if id(p) not in head]
+        critic_params = list(critic.model.parameters()) if not critic.shared else list(critic.head.parameters())
+        lr = critic.lr if critic.lr is not None else self.config.lr
+        return [{"params": policy}, {"params": critic_params, "lr": lr}]
+
+    @property
+    def trainable_parameters(self) -> list[Any]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.config
@@ -195,13 +227,21 @@ class Trainer:
             batch.entropy = torch.zeros(B, T, device=batch.mask.device)
         hidden_rows = {}
         model = self.accelerator.unwrap_model(self.model)
+        want_values = "values" in needs
+        shared_head = self.critic.head if want_values and self.critic.shared else None
+        if want_values:
+            batch.extra["values"] = torch.zeros(B, T, device=batch.mask.device)
         # (skipped when the update's first forward doubles as the behaviour pass)
         for rows in (micro_rows or [torch.arange(B)]) if not self.behaviour_from_update else []:
             rows = rows.to(batch.mask.device)
             stats = token_logprobs(model, batch.prompt_tokens[rows], batch.prompt_mask[rows],
                                    batch.response_ids[rows], batch.mask[rows], temperature=temperature,
-                                   entropy=want_entropy, hidden=want_hidden, extras=self.token_extras)
+                                   entropy=want_entropy, hidden=want_hidden, extras=self.token_extras,
+                                   value_head=shared_head)
             batch.logprobs[rows] = stats.logprobs
+            if want_values:
+                batch.extra["values"][rows] = stats.values if shared_head is not None else self._critic_values(
+                    batch, rows, grad=False)
             for name, value in stats.extra.items():
                 batch.extra.setdefault(name, torch.zeros(B, T, device=batch.mask.device))[rows] = value
             if want_entropy:
@@ -301,23 +341,31 @@ class Trainer:
         rollout_values = {k: v for k, v in values.items() if k in set(self.plan.phases["rollout"])}
         temperature = float(program.nodes[self.rollout_node].params.get("temperature", 1.0))
         entropy_grad = "policy_entropy" in program.needs  # a loss term on the current policy's entropy
+        want_values = "current_values" in program.needs  # a value loss: the critic's values with gradient
+        update_head = self.critic.head if want_values and self.critic.shared else None
         losses: dict[str, list[float]] = {}
         approx_kl, ratios, grad_norms, entropies = [], [], [], []
         first_deviation = None  # max |ρ − 1| on the first minibatch: 0 unless behaviour log-probs are off
         self.model.train()
+        if self.critic_model is not None:
+            self.critic_model.train()
         for epoch in range(cfg.ppo_epochs):
             for mb_index, minibatch in enumerate(self.micro_batches(batch.size, step, epoch)):
                 for rows in minibatch:
                     rows = rows.to(batch.mask.device)
                     mb = batch.select(rows)
                     stats = token_logprobs(self.model, mb.prompt_tokens, mb.prompt_mask, mb.response_ids, mb.mask,
-                                           temperature=temperature, entropy=epoch == 0, entropy_grad=entropy_grad)
+                                           temperature=temperature, entropy=epoch == 0, entropy_grad=entropy_grad,
+                                           value_head=update_head)
                     if self.behaviour_from_update:  # the behaviour pass, computed once, here
                         mb.logprobs = stats.logprobs.detach()
                         batch.logprobs[rows] = mb.logprobs
                     current = {"policy_logprobs": stats.logprobs}
                     if entropy_grad:
                         current["policy_entropy"] = stats.entropy
+                    if want_values:
+                        current["current_values"] = stats.values if stats.values is not None else \
+                            self._critic_values(mb, None, grad=True)
                     mb.extra.update(current)
                     mb_values = {k: _rows(v, rows, batch.size) for k, v in rollout_values.items()}
                     mb_values[self.rollout_node] = mb
@@ -347,7 +395,7 @@ class Trainer:
                             dev = float(((torch.exp(-delta) - 1).abs() * mb.mask).max())
                             first_deviation = max(first_deviation or 0.0, dev)
                 if cfg.max_grad_norm is not None:
-                    norm = self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    norm = self.accelerator.clip_grad_norm_(self.trainable_parameters, cfg.max_grad_norm)
                     grad_norms.append(float(norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -467,6 +515,8 @@ class Trainer:
             "samplers": {str(i): s.state_dict() for i, s in enumerate(self._ordered_samplers())},
             "rng": {"torch": torch.get_rng_state()},
             "stage_state": {node_id: st.state_dict() for node_id, st in self.stage_states.items()},
+            **({"critic": self.accelerator.unwrap_model(self.critic_model).state_dict()}
+               if self.critic is not None and not self.critic.shared else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -477,10 +527,19 @@ class Trainer:
             sampler.load_state_dict(s)
         torch.set_rng_state(state["rng"]["torch"])
         self.step_index = state["step"]
+        if self.critic is not None and not self.critic.shared:
+            self.accelerator.unwrap_model(self.critic_model).load_state_dict(state["critic"])
         saved = state.get("stage_state", {})
         for node_id, st in self.stage_states.items():
             if node_id in saved:
                 st.load_state_dict(saved[node_id])
+
+    def _critic_values(self, batch: RolloutBatch, rows, *, grad: bool) -> "torch.Tensor":
+        """V(s_t) from a separate critic (a shared head's values come with the policy's forward)."""
+        b = batch if rows is None else batch.select(rows)
+        model = self.critic_model if grad else self.accelerator.unwrap_model(self.critic_model)
+        with torch.set_grad_enabled(grad), self.accelerator.autocast():
+            return token_values(model, self.critic.head, b.prompt_tokens, b.prompt_mask, b.response_ids, b.mask)
 
     def _state_copies(self) -> dict:
         """The stage states as copies: a second run of some nodes (the greedy baseline, an

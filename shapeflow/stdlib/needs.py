@@ -17,7 +17,8 @@ class Need:
     level: str  # "seq" (one per response), "tok" (one per token) or "vec" (a vector per token)
     field: str  # where `--record` writes it and `replay` reads it; "extra.X" lives under `extra`
     doc: str
-    provider: str = "engine"  # "engine" (the rollout engine) or "trainer" (a forward pass of its own)
+    provider: str = "engine"  # "engine" (the rollout engine), "trainer" (a forward pass of its own) or
+    # "model" (a setup stage's model, e.g. a critic, that declares it `provides` the need)
 
 
 NEEDS: dict[str, Need] = {
@@ -44,6 +45,11 @@ NEEDS: dict[str, Need] = {
              "trainer"),
         Need("sampled_logit", "tok", "extra.sampled_logit",
              "the raw logit (before temperature) of each sampled token (UCAS token certainty)", "trainer"),
+        Need("values", "tok", "extra.values",
+             "the critic's value V(s_t) of the state each response token is chosen in, from the behaviour pass "
+             "(old values; needs a critic: models.value_head or models.critic)", "model"),
+        Need("current_values", "tok", "extra.current_values",
+             "the critic's values under the current weights, with gradient (update phase; needs a critic)", "model"),
     )
 }
 
@@ -89,8 +95,9 @@ def resolve_needs(needs, params: dict) -> frozenset[str]:
 
 
 def provided_by_trainer(name: str) -> bool:
+    """Computed by the trainer whatever the engine: its own forward passes, or a model it trains."""
     info = need_info(name)
-    return info is not None and info.provider == "trainer"
+    return info is not None and info.provider in ("trainer", "model")
 
 
 TRAINER_PROVIDES = frozenset(n.name for n in NEEDS.values() if n.provider == "trainer")

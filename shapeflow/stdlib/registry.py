@@ -43,6 +43,7 @@ STDLIB_MODULES = (
     "shapeflow.stdlib.signals",
     "shapeflow.stdlib.advantages",
     "shapeflow.stdlib.losses",
+    "shapeflow.stdlib.critic",
     "shapeflow.stdlib.shaping",
     "shapeflow.stdlib.shaping_rewards",
 )
@@ -79,6 +80,7 @@ class Stage:
     context: bool = False  # the function takes the runtime's step context as keyword `ctx`
     source: str = "shapeflow"  # "shapeflow" or the plug-in's entry-point name
     state: tuple[tuple[str, str], ...] = ()  # what it keeps across steps: (key, doc); keyword `state`
+    provides: frozenset[str] = frozenset()  # model stages: needs their value supplies (a critic: values)
 
     @property
     def stateful(self) -> bool:
@@ -275,6 +277,7 @@ def _build(
     context: bool = False,
     source: str = "shapeflow",
     state: dict[str, str] | None = None,
+    provides: Iterable[str] = (),
 ) -> Stage:
     try:
         typed_inputs = tuple((n, parse_type(t)) for n, t in inputs.items())
@@ -295,6 +298,7 @@ def _build(
         context=context,
         source=source,
         state=tuple((state or {}).items()),
+        provides=frozenset(provides),
     )
 
 
@@ -309,6 +313,9 @@ def _verify_contract(st: Stage) -> None:
         raise RegistrationError(f"{where}: phase '{st.phase}' is not one of {', '.join(PHASES)}")
     if not (isinstance(st.params, type) and issubclass(st.params, StageParams)):
         raise RegistrationError(f"{where}: params must be a subclass of StageParams")
+    bad = sorted(n for n in st.provides if n not in NEEDS or NEEDS[n].provider != "model")
+    if bad:
+        raise RegistrationError(f"{where}: provides {bad}, which are not needs a model supplies")
     unknown = sorted(n for n in st.needs if n not in NEEDS and template_param(n) is None)
     if unknown:
         raise RegistrationError(f"{where}: unknown needs {unknown}; known: {', '.join(sorted(NEEDS))}")

@@ -1,0 +1,166 @@
+"""PPO with a critic: GAE (verl's loop), the clipped value loss, the critic stages, the runtime's
+values needs, checkpoints, and the checker's diagnostic when no critic supplies them."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import call, make_batch  # noqa: E402
+
+from shapeflow.cli import main  # noqa: E402
+from shapeflow.compiler.pipeline import build_plan, compile_spec  # noqa: E402
+from shapeflow.runtime.trainer import Trainer  # noqa: E402
+from shapeflow.stdlib.critic import gae  # noqa: E402
+from shapeflow.stdlib.registry import default_registry  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def batch_with_values(rewards_mask, values, **extra):
+    b = make_batch(list(range(len(values))), rewards_mask)
+    b.extra["values"] = torch.tensor(values, dtype=torch.float32)
+    b.extra.update({k: torch.tensor(v, dtype=torch.float32) for k, v in extra.items()})
+    return b
+
+
+def ref_gae(rewards, values, mask, gamma, lam):
+    """verl's compute_gae_advantage_return, transcribed as a per-row Python loop (float64)."""
+    out = []
+    for r, v, m in zip(rewards, values, mask):
+        next_value, last, row = 0.0, 0.0, [0.0] * len(r)
+        for t in reversed(range(len(r))):
+            delta = r[t] + gamma * next_value - v[t]
+            adv = delta + gamma * lam * last
+            next_value = v[t] * m[t] + (1 - m[t]) * next_value
+            last = adv * m[t] + (1 - m[t]) * last
+            row[t] = adv
+        out.append(row)
+    return out
+
+
+def test_gae_worked_examples():
+    b = batch_with_values([[1.0, 1.0, 1.0]], [[0.5, 0.6, 0.7]])
+    r = torch.tensor([1.0])  # an outcome reward: placed on the last token
+    adv = call("gae", r, b, gamma=1.0, lam=1.0, whiten=False)
+    assert adv.tolist()[0] == pytest.approx([0.5, 0.4, 0.3], abs=1e-6)
+    adv = call("gae", r, b, gamma=0.9, lam=0.5, whiten=False)
+    assert adv.tolist()[0] == pytest.approx([0.11425, 0.165, 0.3], abs=1e-6)
+    ret = call("gae_returns", r, b, gamma=1.0, lam=1.0)
+    assert ret.tolist()[0] == pytest.approx([1.0, 1.0, 1.0], abs=1e-6)
+    whitened = call("gae", r, b, gamma=1.0, lam=1.0)
+    x = torch.tensor([0.5, 0.4, 0.3], dtype=torch.float64)
+    assert whitened[0].double().tolist() == pytest.approx(((x - x.mean()) / (x.var() + 1e-8).sqrt()).tolist(), abs=1e-5)
+
+
+def test_gae_matches_verls_loop_with_padding_and_holes():
+    rng = random.Random(0)
+    for _ in range(30):
+        B, T = rng.randint(1, 5), rng.randint(1, 7)
+        mask = [[float(rng.random() < 0.8) for _ in range(T)] for _ in range(B)]
+        rewards = [[rng.uniform(-1, 1) * m for m in row] for row in mask]
+        values = [[rng.uniform(-1, 1) for _ in range(T)] for _ in range(B)]
+        gamma, lam = rng.choice([1.0, 0.99, 0.5]), rng.choice([1.0, 0.95, 0.0])
+        got = gae(torch.tensor(rewards, dtype=torch.float64), torch.tensor(values, dtype=torch.float64),
+                  torch.tensor(mask, dtype=torch.float64), gamma, lam)
+        want = ref_gae(rewards, values, mask, gamma, lam)
+        for g, w, m in zip(got.tolist(), want, mask):
+            assert [x for x, k in zip(g, m) if k] == pytest.approx([x for x, k in zip(w, m) if k], abs=1e-12)
+
+
+def test_value_loss_worked_example_and_gradient():
+    b = batch_with_values([[1.0, 1.0, 0.0]], [[0.2, 0.2, 9.0]])
+    current = torch.tensor([[1.0, 0.3, 5.0]], requires_grad=True)
+    b.extra["current_values"] = current
+    returns = torch.tensor([[0.5, 0.5, 0.0]])
+    loss = call("losses.value", returns, b, clip=0.5)
+    # token 0: max((1 − 0.5)², (0.7 − 0.5)²) = 0.25; token 1: clip(0.3, −0.3, 0.7) = 0.3: 0.04; mean of ½·
+    assert float(loss.detach()) == pytest.approx(0.5 * (0.25 + 0.04) / 2, abs=1e-7)
+    loss.backward()
+    # ∂/∂V of ½(V − R)²/2 tokens: (V − R)/2 where the unclipped term is the max; padding gets 0
+    assert current.grad.tolist()[0] == pytest.approx([0.25, -0.1, 0.0], abs=1e-6)
+    unclipped = call("losses.value", returns, b, clip=None)
+    assert float(unclipped) == pytest.approx(0.5 * (0.25 + 0.04) / 2, abs=1e-7)
+
+
+def trainer_for(spec_text: str, tmp_path: Path, *sets: str) -> Trainer:
+    (tmp_path / "grpo.shape").write_text((ROOT / "specs" / "grpo.shape").read_text())
+    (tmp_path / "ppo_gae.shape").write_text((ROOT / "specs" / "ppo_gae.shape").read_text())
+    spec = tmp_path / "spec.shape"
+    spec.write_text(spec_text)
+    result = compile_spec(spec, sets=["train.prompts_per_step=8", *sets])
+    assert result.ok, [str(d) for d in result.diagnostics]
+    _, plan = build_plan(result.program)
+    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
+    trainer.setup()
+    return trainer
+
+
+VALUE_HEAD = """\
+spec ppo_head { extends = "ppo_gae.shape" }
+model critic = models.value_head(policy, lr = 1e-2)
+"""
+
+
+def test_a_value_head_on_the_policy_trains_and_is_checkpointed_with_it(tmp_path):
+    trainer = trainer_for(VALUE_HEAD, tmp_path)
+    head = trainer.critic.head
+    assert trainer.critic.shared and trainer.policy.model.value_head is head
+    before = head.weight.detach().clone()
+    metrics = trainer.train_step(0)
+    values = trainer.last_batch.extra["values"]
+    assert values.shape == trainer.last_batch.mask.shape and (values[trainer.last_batch.mask == 0] == 0).all()
+    assert metrics["node/loss#3"] > 0  # the value loss
+    assert not torch.equal(before, head.weight.detach())  # the head learned
+    assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(1e-2)  # its own learning rate
+    assert "value_head.weight" in trainer.state_dict()["model"]
+
+
+def test_values_at_the_behaviour_pass_equal_a_full_forward(tmp_path):
+    from shapeflow.runtime.engine import token_values
+
+    trainer = trainer_for(VALUE_HEAD, tmp_path)
+    trainer.train_step(0)
+    b, model, head = trainer.last_batch, trainer.policy.model, trainer.critic.head
+    with torch.no_grad():
+        ids = torch.cat([b.prompt_tokens, b.response_ids], 1)
+        attention = torch.cat([b.prompt_mask, b.mask.long()], 1)
+        out = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                    output_hidden_states=True)
+        P = b.prompt_tokens.shape[1]
+        want = head(out.hidden_states[-1][:, P - 1 : -1]).squeeze(-1) * b.mask  # the state before each token
+        separate = token_values(model, head, b.prompt_tokens, b.prompt_mask, b.response_ids, b.mask)
+    assert torch.allclose(separate, want, atol=1e-5)
+
+
+def test_a_separate_critic_is_saved_and_restored(tmp_path, capsys):
+    (tmp_path / "ppo_gae.shape").write_text((ROOT / "specs" / "ppo_gae.shape").read_text())
+    out = tmp_path / "run"
+    args = ["run", str(tmp_path / "ppo_gae.shape"), "--out", str(out), "--device", "cpu", "--tracking", "jsonl",
+            "--set", "train.prompts_per_step=8", "--set", "train.checkpoint_every=1", "--set", "train.eval_size=8"]
+    assert main([*args, "--steps", "2"]) == 0, capsys.readouterr().err
+    from shapeflow.runtime.run import checkpoint_dirs, load_checkpoint
+
+    state = load_checkpoint(checkpoint_dirs(out)[-1])
+    assert "value_head.weight" in state["critic"] and "value_head.weight" not in state["model"]
+    result = compile_spec(tmp_path / "ppo_gae.shape", sets=["train.prompts_per_step=8"])
+    _, plan = build_plan(result.program)
+    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
+    trainer.setup()
+    trainer.load_state_dict(state)
+    assert torch.equal(trainer.critic.head.weight, state["critic"]["value_head.weight"])
+
+
+def test_values_without_a_critic_is_a_check_error(tmp_path, capsys):
+    (tmp_path / "grpo.shape").write_text((ROOT / "specs" / "grpo.shape").read_text())
+    (tmp_path / "bad.shape").write_text('spec bad { extends = "grpo.shape" }\nadvantage adv = gae(r, groups)\n')
+    assert main(["check", str(tmp_path / "bad.shape")]) == 1
+    out = capsys.readouterr().out
+    assert "bad.shape:2:17: error[E701]: 'gae' needs 'values' (the critic's value V(s_t) of the state each " \
+           "response token is chosen in, from the behaviour pass (old values; needs a critic: models.value_head " \
+           "or models.critic)), and no model in this spec supplies it" in out
+    assert "help: declare a model that does (models.critic, models.value_head)" in out
