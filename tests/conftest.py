@@ -50,7 +50,10 @@ def call(name: str, *inputs: Any, **params: Any) -> Any:
     """Call stage ``name`` as the executor does: parameters validated by its model, defaults filled."""
     st = default_registry()[name]
     state = params.pop("state", None)
+    ctx = params.pop("ctx", None)
     values = st.params(**params).model_dump()
+    if st.context and ctx is not None:  # a runtime-context stage given a (fake) step context
+        values["ctx"] = ctx
     if st.stateful:  # a stateful stage: the given StageState (updated in place), else a fresh one
         from shapeflow.stdlib.state import StageState
 

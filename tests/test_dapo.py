@@ -50,3 +50,83 @@ def test_a_loss_on_dropped_rows_ignores_them():
     loss.backward()
     assert float(loss.detach()) == -1.0  # token-mean over the kept row only
     assert lp.grad[1].tolist() == [0.0, 0.0]
+
+
+# --------------------------------------------------------------------------------------------
+# dynamic sampling (verl's DAPO recipe filter_groups)
+# --------------------------------------------------------------------------------------------
+
+
+def spread_batch(groups, metric, T=2, tag="a"):
+    b = make_batch(groups, torch.ones(len(groups), T), responses=[f"{tag}{i}" for i in range(len(groups))])
+    b.prompt_ids = [f"{tag}{g}" for g in groups]
+    b.prompt_tokens = torch.ones(len(groups), 3, dtype=torch.long)
+    b.prompt_mask = torch.ones(len(groups), 3, dtype=torch.long)
+    return b, torch.tensor(metric, dtype=torch.float32)
+
+
+class FakeCtx:
+    """The runtime's side of dynamic sampling: a budget, more rounds on demand, a metrics sink."""
+
+    def __init__(self, budget, rounds):
+        from types import SimpleNamespace
+
+        self.trainer = SimpleNamespace(config=SimpleNamespace(prompts_per_step=budget))
+        self.rounds, self.logged = list(rounds), {}
+
+    def regenerate(self):
+        return self.rounds.pop(0)
+
+    def log(self, key, value):
+        self.logged[key] = value
+
+
+def test_dynamic_sampling_keeps_groups_with_spread_and_singletons():
+    batch, metric = spread_batch([0, 0, 0, 0, 1, 1, 1, 1, 2], [1, 1, 0, 1, 0, 0, 0, 0, 1])
+    kept = call("rollouts.dynamic_sampling", batch, metric)  # no runtime (replay): filter only
+    assert kept.responses == ["a0", "a1", "a2", "a3", "a8"]
+    assert kept.group_index.tolist() == [0, 0, 0, 0, 1]  # renumbered
+
+
+def test_dynamic_sampling_refills_to_the_budget_then_cuts_to_it():
+    first = spread_batch([0, 0, 1, 1, 2, 2], [1, 0, 1, 1, 0, 1], tag="a")  # keeps groups 0, 2
+    second = spread_batch([0, 0, 1, 1, 2, 2], [0, 1, 1, 0, 0, 0], T=4, tag="b")  # keeps 0, 1
+    ctx = FakeCtx(budget=3, rounds=[second])
+    out = call("rollouts.dynamic_sampling", *first, ctx=ctx)
+    assert out.responses == ["a0", "a1", "a4", "a5", "b0", "b1"]  # the first three kept groups
+    assert out.group_index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert out.mask.shape == (6, 4) and out.mask[:4, 2:].sum() == 0  # the first round padded to the widest
+    assert ctx.logged == {"rounds": 2, "kept_groups": 4, "dropped_groups": 2, "shortfall_groups": 0}
+
+
+def test_dynamic_sampling_stops_at_max_rounds_and_reports_the_shortfall():
+    flat = [spread_batch([0, 0, 1, 1], [1, 1, 0, 0], tag=t) for t in "abc"]
+    ctx = FakeCtx(budget=2, rounds=flat[1:])
+    out = call("rollouts.dynamic_sampling", *flat[0], ctx=ctx, max_rounds=3)
+    assert ctx.logged == {"rounds": 3, "kept_groups": 0, "dropped_groups": 6, "shortfall_groups": 2}
+    assert out.responses == ["c0", "c1", "c2", "c3"]  # nothing survived: the last round, unfiltered
+    ctx = FakeCtx(budget=2, rounds=flat[1:])
+    with pytest.raises(RuntimeError, match="dynamic sampling kept 0 of 2 groups in 2 rounds"):
+        call("rollouts.dynamic_sampling", *flat[0], ctx=ctx, max_rounds=2, on_shortfall="error")
+
+
+def test_the_dapo_spec_trains_on_groups_with_spread_only():
+    from pathlib import Path
+
+    from shapeflow.compiler.pipeline import build_plan, compile_spec
+    from shapeflow.runtime.trainer import Trainer
+    from shapeflow.stdlib.registry import default_registry
+
+    spec = Path(__file__).resolve().parents[1] / "specs" / "dapo.shape"
+    result = compile_spec(spec, sets=["train.prompts_per_step=4"])
+    _, plan = build_plan(result.program)
+    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
+    trainer.setup()
+    metrics = trainer.train_step(0)
+    batch = trainer.last_batch
+    assert metrics["rollout/groups/rounds"] >= 1 and metrics["rollout/groups/shortfall_groups"] == 0
+    assert batch.size == 4 * 8 and metrics["rollout/responses"] == 32
+    correct = trainer.last_values["correct"]
+    for g in range(4):
+        values = correct[batch.group_index == g]
+        assert values.min() < values.max()  # every group the loss sees has spread

@@ -113,6 +113,53 @@ class RolloutBatch:
         )
 
 
+def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Batches of different steps' rounds as one: rows in order, response tensors right-padded
+    (and prompt tensors left-padded) to the widest, groups renumbered 0..G−1 so that groups of
+    different batches stay apart even when they answer the same prompt."""
+    T = max(b.mask.shape[1] for b in batches)
+    P = max(b.prompt_tokens.shape[1] for b in batches) if all(b.prompt_tokens is not None for b in batches) else 0
+
+    def right(x, width):
+        return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1])) if x.dim() >= 2 else x
+
+    def join(values, *, left: bool = False):
+        if any(v is None for v in values):
+            return None
+        if isinstance(values[0], list):
+            return [x for v in values for x in v]
+        if left:
+            return torch.cat([torch.nn.functional.pad(v, (P - v.shape[1], 0)) for v in values])
+        return torch.cat([right(v, T) for v in values])
+
+    offsets, groups = 0, []
+    for b in batches:
+        groups.append(b.group_index + offsets)
+        offsets += int(b.group_index.max()) + 1 if b.size else 0
+    _, group_index = torch.unique(torch.cat(groups), return_inverse=True)
+    common_scores = set.intersection(*(set(b.scores) for b in batches))
+    common_extra = set.intersection(*(set(b.extra) for b in batches))
+    return RolloutBatch(
+        prompt_ids=join([b.prompt_ids for b in batches]),
+        group_index=group_index,
+        mask=join([b.mask for b in batches]),
+        prompts=join([b.prompts for b in batches]),
+        answers=join([b.answers for b in batches]),
+        responses=join([b.responses for b in batches]),
+        response_ids=join([b.response_ids for b in batches]),
+        logprobs=join([b.logprobs for b in batches]),
+        ref_logprobs=join([b.ref_logprobs for b in batches]),
+        entropy=join([b.entropy for b in batches]),
+        truncated=join([b.truncated for b in batches]),
+        scores={k: join([b.scores[k] for b in batches]) for k in sorted(common_scores)},
+        extra={k: join([b.extra[k] for b in batches]) for k in sorted(common_extra)},
+        examples=join([b.examples for b in batches]),
+        task=batches[0].task,
+        prompt_tokens=join([b.prompt_tokens for b in batches], left=True),
+        prompt_mask=join([b.prompt_mask for b in batches], left=True),
+    )
+
+
 def group_index_of(prompt_ids: list[Any]) -> "Tensor":
     """(B,) group index of each response: prompt ids numbered in order of first appearance."""
     seen: dict[Any, int] = {}

@@ -83,7 +83,11 @@ def run_nodes(
         args = [values[src] for _, src in node.inputs]
         if node.op == "stage":
             st = registry[node.stage]
-            extra = {"ctx": ctx} if st.context else {}
+            extra = {}
+            if st.context:
+                if ctx is not None and hasattr(ctx, "node_id"):
+                    ctx.node_id = node_id
+                extra["ctx"] = ctx
             if st.stateful:
                 state = states.get(node_id) if states is not None else None
                 if state is None:

@@ -50,6 +50,19 @@ class StepContext:
     trainer: "Trainer"
     step: int
     micro_rows: list["torch.Tensor"] = field(default_factory=list)  # epoch-0 micro-batches, in update order
+    node_id: str | None = None  # the node being run (set by the executor)
+    metrics: dict[str, float] = field(default_factory=dict)  # what stages report for this step
+
+    def log(self, key: str, value: float) -> None:
+        """Report a number for this step: it appears as ``rollout/<binding>/<key>``."""
+        node = self.trainer.program.nodes[self.node_id]
+        self.metrics[f"rollout/{node.binding or node.id}/{key}"] = float(value)
+
+    def regenerate(self) -> list[Any]:
+        """This node's inputs computed afresh on new prompts: the rollout stage draws the next
+        prompts and the nodes between it and this node run again (DAPO's dynamic sampling asks
+        for more groups this way). Stateful nodes among them see a copy of their state."""
+        return self.trainer.regenerate(self)
 
     def next_prompts(self, dataset) -> list[Any]:
         sampler = self.trainer.sampler_for(dataset)
@@ -149,6 +162,12 @@ class Trainer:
         if len(self.rollout_nodes) != 1:
             raise RunError(f"a run needs exactly one rollout; this spec has {len(self.rollout_nodes)}")
         self.rollout_node = self.rollout_nodes[0]
+        # The training batch: the rollouts the update phase reads (the generated batch, or what a
+        # rollout-phase stage made of it: a filtered or re-masked batch).
+        consumed = sorted({src for n in self.plan.phases["update"] for _, src in self.program.nodes[n].inputs
+                           if self.program.nodes[src].type.base == "Rollouts"},
+                          key=lambda n: self.program.nodes[n].order)
+        self.batch_node = consumed[-1] if consumed else self.rollout_node
         # On-policy with one optimizer step per rollout, the update's own first forward *is* the
         # behaviour pass (same weights, same micro-batches): reuse it instead of running it twice,
         # unless a rollout-phase stage needs token statistics before the update.
@@ -289,15 +308,13 @@ class Trainer:
             list(unique.values()), n=1, max_new_tokens=params["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
             greedy=True, chat=bool(params.get("chat", False)))
         greedy.task = batch.task
-        needed = _ancestors(self.program, source, stop=set(self.rollout_nodes))
-        if any("greedy_baseline" in self.program.nodes[n].needs for n in needed):
+        nodes, values = self._on_batch(greedy, source)
+        if any("greedy_baseline" in self.program.nodes[n].needs for n in nodes):
             raise RunError("a greedy baseline cannot depend on itself")
         self.complete(greedy, policy, temperature=float(params.get("temperature", 1.0)), micro_rows=[],
                       baseline=False)
-        values = dict(self.values)
-        values[self.rollout_node] = greedy
-        run_nodes(self.program, [n for n in self.plan.phases["rollout"] if n in needed], values, self.registry,
-                  greedy.mask, check=self._finite_signals, states=self._state_copies())
+        run_nodes(self.program, nodes, values, self.registry, greedy.mask, check=self._finite_signals,
+                  states=self._state_copies())
         scores = values[source].float()
         if scores.dim() == 2:  # a token-level reward: its total
             scores = (scores * greedy.mask).sum(-1)
@@ -313,10 +330,21 @@ class Trainer:
             state.step = step
         run_nodes(self.program, self.plan.phases["rollout"], values, self.registry, ctx=ctx,
                   check=self._finite_signals, states=self.stage_states)
-        batch = values[self.rollout_node]
-        if batch.size != size:
-            raise RunError(f"the rollout produced {batch.size} responses; expected {size}")
-        return values, batch
+        if values[self.rollout_node].size != size:
+            raise RunError(f"the rollout produced {values[self.rollout_node].size} responses; expected {size}")
+        self.rollout_stage_metrics = ctx.metrics
+        return values, values[self.batch_node]
+
+    def regenerate(self, ctx: StepContext) -> list[Any]:
+        node = self.program.nodes[ctx.node_id]
+        sources = [src for _, src in node.inputs]
+        wanted = set().union(*(_ancestors(self.program, s, stop=set()) | {s} for s in sources))
+        order = [n for n in self.plan.phases["rollout"] if n in wanted]
+        values = dict(self.values)
+        inner = StepContext(self, ctx.step, micro_rows=ctx.micro_rows, metrics=ctx.metrics)
+        run_nodes(self.program, order, values, self.registry, ctx=inner, check=self._finite_signals,
+                  states=self._state_copies())
+        return [values[s] for s in sources]
 
     def _finite_signals(self, node, value):
         """Every stage's tensor output joins the trainer's device (a plug-in verifier that builds
@@ -368,7 +396,7 @@ class Trainer:
                             self._critic_values(mb, None, grad=True)
                     mb.extra.update(current)
                     mb_values = {k: _rows(v, rows, batch.size) for k, v in rollout_values.items()}
-                    mb_values[self.rollout_node] = mb
+                    mb_values[self.batch_node] = mb
                     for v in mb_values.values():  # batches derived in the rollout phase share the rows
                         if isinstance(v, RolloutBatch):
                             if self.behaviour_from_update:
@@ -425,6 +453,7 @@ class Trainer:
         metrics = self.update_phase(step, values, batch)
         t2 = time.perf_counter()
         metrics.update(self.rollout_metrics(values, batch))  # after the update: behaviour log-probs are final
+        metrics.update(self.rollout_stage_metrics)
         tokens = float(batch.mask.sum() + batch.prompt_mask.sum())
         metrics.update({
             "perf/rollout_seconds": t1 - t0,
@@ -495,12 +524,20 @@ class Trainer:
 
     def _verify_values(self, batch: RolloutBatch, task, verify_node: str) -> "torch.Tensor":
         batch.task = task
-        wanted = _ancestors(self.program, verify_node, stop=set(self.rollout_nodes))
-        order = [n for n in self.plan.phases["rollout"] if n in wanted]
-        values = dict(self.values)
-        values[self.rollout_node] = batch
+        order, values = self._on_batch(batch, verify_node)
         run_nodes(self.program, order, values, self.registry, batch.mask, states=self._state_copies())
         return values[verify_node].float()
+
+    def _on_batch(self, batch: RolloutBatch, target: str) -> tuple[list[str], dict[str, Any]]:
+        """The rollout-phase nodes that ``target`` needs, to run on another batch (a greedy
+        rollout, an evaluation): every Rollouts value of the graph is that batch (a filter or
+        a re-mask of the training rollouts has no meaning there), and the nodes between it and
+        ``target`` run in order."""
+        rollouts = {n for n in self.plan.phases["rollout"] if self.program.nodes[n].type.base == "Rollouts"}
+        wanted = _ancestors(self.program, target, stop=rollouts)
+        values = dict(self.values)
+        values.update({n: batch for n in rollouts})
+        return [n for n in self.plan.phases["rollout"] if n in wanted], values
 
     def _verify_mean(self, batch, task, verify_node) -> float:
         return float(self._verify_values(batch, task, verify_node).mean())
@@ -559,7 +596,7 @@ class Trainer:
 def _rows(value: Any, rows: "torch.Tensor", size: int) -> Any:
     """The micro-batch's rows of a rollout-phase value: (B, ...) tensors and batches are sliced."""
     if isinstance(value, RolloutBatch):
-        return value.select(rows)
+        return value.select(rows) if value.size == size else value
     if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == size:
         return value.index_select(0, rows)
     return value

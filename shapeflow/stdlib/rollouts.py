@@ -127,3 +127,88 @@ def reference_answers(groups):
         examples=examples,
         task=task,
     )
+
+
+class DynamicSamplingParams(StageParams):
+    max_rounds: int = Field(10, ge=0, le=10_000, description="Generation rounds per step at most, the first "
+                            "included (verl algorithm.filter_groups.max_num_gen_batches, 10 in the DAPO recipe); "
+                            "0: no limit.")
+    on_shortfall: Literal["train", "error"] = Field(
+        "train", description="When the rounds run out before the budget is met: train on the groups kept (the "
+        "shortfall is in the metrics), or stop the run as verl does ('Generated too many')."
+    )
+
+
+@stage(
+    "rollouts.dynamic_sampling",
+    kind="rollout",
+    inputs={"groups": "Rollouts", "metric": "Signal[seq]"},
+    output="Rollouts",
+    params=DynamicSamplingParams,
+    context=True,
+    paper="Yu et al., DAPO, arXiv:2503.14476 (dynamic sampling); as verl's DAPO recipe filter_groups (catalog B3)",
+)
+def dynamic_sampling(groups, metric, *, max_rounds, on_shortfall, ctx=None):
+    """DAPO's dynamic sampling: drop the groups whose metric has no spread, generate more until
+    the step's prompt budget (train.prompts_per_step groups) is met, then cut to the budget.
+
+        keep group g  ⇔  |g| = 1  or  std(metric over g) > 0      (np.std > 0: values not all equal)
+
+    Each extra round draws the next prompts and reruns the nodes between the rollout and
+    ``metric`` on them (``ctx.regenerate``); the kept groups of all rounds, in order, are cut
+    to the budget, as verl keeps the first ``train_batch_size`` prompts. Everything after this
+    stage (rewards, advantages, losses) must read its output, so that a dropped group never
+    reaches the loss:
+
+        rollout groups = rollouts.dynamic_sampling(sampled, verifiers.exact_answer(sampled))
+
+    Metrics: ``rollout/<binding>/rounds`` (generation rounds this step), ``kept_groups``,
+    ``dropped_groups`` (over all rounds) and ``shortfall_groups`` (budget − kept, when the
+    rounds ran out). When no group at all survives, the last round is trained on unfiltered
+    (its advantages are 0 where groups are flat). Without the runtime (``replay``) it only
+    filters. Example: metric [1, 1, 0, 1 | 0, 0, 0, 0 | 1] with groups of 4, 4 and 1 keeps the
+    first group and the single response, and drops the second.
+    """
+    budget = ctx.trainer.config.prompts_per_step if ctx is not None else None
+    kept, last = [], groups
+    n_kept = dropped = 0
+    rounds = 1
+    while True:
+        keep = _spread(metric, groups)
+        n_groups = int(torch.unique(groups.group_index).numel()) if groups.size else 0
+        part = groups.select(torch.nonzero(keep[groups.group_index], as_tuple=True)[0]) if groups.size else groups
+        groups_kept = int(keep.sum())
+        kept.append(part)
+        n_kept += groups_kept
+        dropped += n_groups - groups_kept
+        last = groups
+        if budget is None or n_kept >= budget or (max_rounds and rounds >= max_rounds):
+            break
+        groups, metric = ctx.regenerate()
+        rounds += 1
+    if ctx is not None:
+        ctx.log("rounds", rounds)
+        ctx.log("kept_groups", n_kept)
+        ctx.log("dropped_groups", dropped)
+        ctx.log("shortfall_groups", max(0, budget - n_kept))
+        if n_kept < budget and on_shortfall == "error":
+            raise RuntimeError(f"dynamic sampling kept {n_kept} of {budget} groups in {rounds} rounds "
+                               "(max_rounds); the prompts may be too hard or too easy for the policy")
+    if n_kept == 0:
+        return last
+    from shapeflow.runtime.batch import concat_batches
+
+    out = concat_batches([p for p in kept if p.size])
+    if budget is not None and n_kept > budget:  # the first `budget` groups (compact ids: 0..G−1 in order)
+        out = out.select(torch.nonzero(out.group_index < budget, as_tuple=True)[0])
+    return out
+
+
+def _spread(metric, groups):
+    """(G,) true for the groups to keep: one response, or values that are not all equal."""
+    from shapeflow.stdlib.functional import group_all_equal
+
+    index = groups.group_index
+    num = int(index.max()) + 1 if index.numel() else 0
+    present = torch.bincount(index, minlength=num) > 0
+    return present & ~group_all_equal(metric.to(torch.float32), index, num)
