@@ -237,7 +237,7 @@ def test_full_logit_reductions_equal_a_full_forward_and_are_computed_only_when_a
     b, model = trainer.last_batch, trainer.policy.model
     with torch.no_grad():
         got = token_logprobs(model, b.prompt_tokens, b.prompt_mask, b.response_ids, b.mask, temperature=0.7,
-                             extras=frozenset({"sampled_logit", "self_certainty", "logprobs@1.2"}))
+                             extras=frozenset({"sampled_logit", "self_certainty", "logprobs@1.2", "sum_pi_squared"}))
         ids = torch.cat([b.prompt_tokens, b.response_ids], 1)
         attention = torch.cat([b.prompt_mask, b.mask.long()], 1)
         out = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0))
@@ -246,7 +246,9 @@ def test_full_logit_reductions_equal_a_full_forward_and_are_computed_only_when_a
         sampled = raw.gather(-1, b.response_ids[..., None]).squeeze(-1)
         certainty = (raw / 0.7).logsumexp(-1) - (raw / 0.7).mean(-1)
         at = (raw / 1.2).gather(-1, b.response_ids[..., None]).squeeze(-1) - (raw / 1.2).logsumexp(-1)
+        pi2 = ((raw / 0.7).softmax(-1) ** 2).sum(-1)
     valid = b.mask > 0
+    assert torch.allclose(got.extra["sum_pi_squared"], pi2 * b.mask, atol=1e-5, rtol=0)
     assert torch.allclose(got.extra["sampled_logit"], sampled * b.mask, atol=1e-5, rtol=0)
     assert torch.allclose(got.extra["logprobs@1.2"], at * b.mask, atol=1e-5, rtol=0)
     assert torch.allclose(got.extra["self_certainty"][valid], certainty[valid], atol=1e-4, rtol=0)

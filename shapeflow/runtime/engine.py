@@ -33,7 +33,7 @@ class TokenStats:
     values: "Tensor | None" = None  # (B, T) a value head's V(s_t), zero on padding
 
 
-TOKEN_NEEDS = ("self_certainty", "sampled_logit")  # and "logprobs@T": reductions of the full logits
+TOKEN_NEEDS = ("self_certainty", "sampled_logit", "sum_pi_squared")  # and "logprobs@T": full-logit reductions
 
 
 def token_needs(needs) -> frozenset[str]:
@@ -90,7 +90,7 @@ def token_logprobs(
     ``extras`` names further per-token reductions of the logits (``token_needs``), computed
     only when asked for: ``sampled_logit`` (the raw logit of the sampled token, before the
     temperature), ``self_certainty`` (logsumexp(z/τ) − mean(z/τ), at every position, padding
-    included, as verl computes it for UCAS) and ``logprobs@T`` (log softmax(z/T) of the
+    included, as verl computes it for UCAS), ``sum_pi_squared`` (Σ_v π_v² at τ) and ``logprobs@T`` (log softmax(z/T) of the
     sampled token at another temperature T). ``value_head`` (a module on the last hidden state)
     adds the values V(s_t) of the state each response token is chosen in, from the same forward.
 
@@ -143,6 +143,8 @@ def _logit_reductions(raw, logits, logz, response_ids, mask, extras) -> dict:
         out["sampled_logit"] = raw.gather(-1, ids).squeeze(-1).float() * mask
     if "self_certainty" in extras:  # unmasked on purpose: UCAS's code sums it over every position
         out["self_certainty"] = logz - logits.mean(-1)
+    if "sum_pi_squared" in extras:  # Σπ² = exp(logsumexp(2z) − 2·logsumexp(z)), z the tempered logits
+        out["sum_pi_squared"] = torch.exp(torch.logsumexp(2 * logits, dim=-1) - 2 * logz) * mask
     for name in sorted(n for n in extras if n.startswith("logprobs@")):
         scaled = raw.float() / float(name.partition("@")[2])
         out[name] = (scaled.gather(-1, ids).squeeze(-1) - torch.logsumexp(scaled, dim=-1)) * mask

@@ -45,6 +45,9 @@ NEEDS: dict[str, Need] = {
              "trainer"),
         Need("sampled_logit", "tok", "extra.sampled_logit",
              "the raw logit (before temperature) of each sampled token (UCAS token certainty)", "trainer"),
+        Need("sum_pi_squared", "tok", "extra.sum_pi_squared",
+             "Σ_v π(v)² of the behaviour policy's next-token distribution at each response position, at the "
+             "rollout temperature (verl calculate_sum_pi_squared; the optimal token baseline)", "trainer"),
         Need("values", "tok", "extra.values",
              "the critic's value V(s_t) of the state each response token is chosen in, from the behaviour pass "
              "(old values; needs a critic: models.value_head or models.critic)", "model"),

@@ -46,6 +46,8 @@ STDLIB_MODULES = (
     "shapeflow.stdlib.critic",
     "shapeflow.stdlib.shaping",
     "shapeflow.stdlib.shaping_rewards",
+    "shapeflow.stdlib.shaping_state",
+    "shapeflow.stdlib.shaping_tokens",
 )
 
 
