@@ -3,6 +3,7 @@ values needs, checkpoints, and the checker's diagnostic when no critic supplies 
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -164,3 +165,84 @@ def test_values_without_a_critic_is_a_check_error(tmp_path, capsys):
            "response token is chosen in, from the behaviour pass (old values; needs a critic: models.value_head " \
            "or models.critic)), and no model in this spec supplies it" in out
     assert "help: declare a model that does (models.critic, models.value_head)" in out
+
+
+# --------------------------------------------------------------------------------------------
+# verl's optimal token baseline (a token-level baseline from Σπ²)
+# --------------------------------------------------------------------------------------------
+
+
+def otb_batch(rewards_last):
+    mask = [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+    logprobs = [[math.log(0.9), math.log(0.2), 0.0], [math.log(0.5)] * 3]
+    b = make_batch([0, 0], mask, logprobs=logprobs)
+    b.extra["sum_pi_squared"] = torch.tensor([[0.82, 0.5, 0.0], [0.5, 0.5, 0.5]])
+    return b, torch.tensor(rewards_last, dtype=torch.float32)
+
+
+def test_optimal_token_baseline_worked_example():
+    b, r = otb_batch([1.0, 0.0])
+    got = call("optimal_token_baseline", r, b)
+    want = [[1 - 0.02 / 0.52, 1 - 1.12 / 2.12, 0.0], [-0.02 / 0.52, -1.12 / 2.12, 0.0]]
+    assert got.tolist()[0] == pytest.approx(want[0], abs=1e-6) and got.tolist()[1] == pytest.approx(want[1], abs=1e-6)
+    b, r = otb_batch([0.0, 1.0])
+    tail = call("optimal_token_baseline", r, b)
+    assert tail.tolist()[1] == pytest.approx([1 - 0.5 / 0.52, 1 - 1.0 / 2.12, 1.0], abs=1e-6)
+    no_tail = call("optimal_token_baseline", r, b, zero_tail=False)
+    assert no_tail.tolist()[1] == pytest.approx([1 - 0.5 / 0.52, 1 - 1.0 / 2.12, 0.0], abs=1e-6)
+
+
+def ref_otb(returns, energy, mask, groups, zero_tail=True, eps=1e-8):
+    """verl's per-group loop, transcribed in float64 Python."""
+    T = len(mask[0])
+    out = [[0.0] * T for _ in mask]
+    members = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    for idx in members.values():
+        base = [[0.0] * T for _ in idx]
+        if len(idx) > 1:
+            for t in range(T):
+                num = sum(returns[i][t] * energy[i][t] * mask[i][t] for i in idx)
+                den = sum(energy[i][t] * mask[i][t] for i in idx) + eps
+                for k in range(len(idx)):
+                    base[k][t] = num / den
+            if zero_tail:
+                lengths = [sum(mask[i]) for i in idx]
+                ordered = sorted(lengths)
+                if lengths.count(ordered[-1]) == 1 and ordered[-1] > ordered[-2]:
+                    k = lengths.index(ordered[-1])
+                    for t in range(int(ordered[-2]), T):
+                        base[k][t] = 0.0
+        for k, i in enumerate(idx):
+            out[i] = [(returns[i][t] - base[k][t]) * mask[i][t] for t in range(T)]
+    return out
+
+
+def test_optimal_token_baseline_matches_verls_loop_on_random_batches():
+    rng = random.Random(1)
+    for _ in range(25):
+        groups = sorted(rng.randint(0, 3) for _ in range(rng.randint(1, 8)))
+        groups = [sorted(set(groups)).index(g) for g in groups]
+        T = rng.randint(1, 6)
+        lengths = [rng.randint(0, T) for _ in groups]
+        mask = [[1.0 if t < n else 0.0 for t in range(T)] for n in lengths]
+        r = [rng.choice([0.0, 1.0, 0.5]) for _ in groups]
+        lp = [[math.log(rng.uniform(0.05, 1.0)) for _ in range(T)] for _ in groups]
+        sq = [[rng.uniform(0.05, 1.0) for _ in range(T)] for _ in groups]
+        b = make_batch(groups, mask, logprobs=lp)
+        b.extra["sum_pi_squared"] = torch.tensor(sq, dtype=torch.float32)
+        for zero_tail in (True, False):
+            got = call("optimal_token_baseline", torch.tensor(r), b, zero_tail=zero_tail).tolist()
+            returns = [[r[i] if 0 <= n - 1 and t <= n - 1 else 0.0 for t in range(T)]
+                       for i, n in enumerate(lengths)]
+            energy = []
+            for i in range(len(groups)):
+                acc, row = 0.0, []
+                for t in range(T):
+                    acc += (1 - 2 * math.exp(lp[i][t]) + sq[i][t]) * mask[i][t]
+                    row.append(acc)
+                energy.append(row)
+            want = ref_otb(returns, energy, mask, groups, zero_tail)
+            for g_row, w_row in zip(got, want):
+                assert g_row == pytest.approx(w_row, abs=2e-5)
