@@ -163,3 +163,34 @@ def test_a_need_can_name_a_stage_parameter():
     with pytest.raises(RegistrationError, match="need 'logprobs@\\{t_low\\}' names 't_low', which is not a parameter"):
         reg.stage("x.wrong", kind="reward", inputs={"groups": "Rollouts"}, output="Rollouts", params=P,
                   needs=("logprobs@{t_low}",))(wrong)
+
+
+def test_every_estimator_and_loss_page_shows_formula_knobs_defaults_and_sources(capsys):
+    """`shapeflow stages NAME` for each advantage and loss stage: the formula (docstring), every
+    knob with its default and a description, and where its conventions come from."""
+    import re
+
+    from shapeflow.cli import main
+    from shapeflow.stdlib.registry import doc_page
+
+    reg = default_registry()
+    checked = 0
+    for name in reg.names():
+        st = reg[name]
+        if st.kind not in ("advantage", "loss") or st.source != "shapeflow":
+            continue
+        page = doc_page(st)
+        assert st.paper and f"Paper: {st.paper}" in page, name
+        assert re.search(r"=|←", st.doc), f"{name}: no formula in its doc"
+        for field, info in st.params.model_fields.items():
+            assert info.description, f"{name}: parameter '{field}' has no description"
+            default = "required" if info.is_required() else None
+            line = next((x for x in page.splitlines() if x.startswith(f"  {field}: ")), None)
+            assert line is not None, f"{name}: '{field}' missing from the page"
+            assert default == "required" or " = " in line, f"{name}: '{field}' shows no default: {line}"
+        assert re.search(r"verl|TRL|OpenRLHF|NeMo|official|release|reconstructed|catalog", page), \
+            f"{name}: the page names no trainer or code whose conventions it follows"
+        checked += 1
+    assert checked >= 35
+    assert main(["stages", "gae"]) == 0
+    assert "lam: number = 1.0  (>= 0 and <= 1)" in capsys.readouterr().out
