@@ -73,17 +73,35 @@ def cmd_check(args) -> int:
     files, roots = _spec_files(args.paths)
     if args.emit and len(files) != 1:
         raise UsageError("--emit takes exactly one spec file")
-    from shapeflow.compiler.pipeline import plugin_diagnostics
-    from shapeflow.stdlib.registry import default_registry
+    from shapeflow.compiler import check_cache
+    from shapeflow.plugins import plugin_entry_points
 
-    all_diags: list[Diagnostic] = plugin_diagnostics(default_registry())
+    # Unchanged specs are not checked again (check_cache): the usual pre-commit / CI run loads
+    # neither the stage library nor pydantic. --emit and --set always compile.
+    plugins = bool(plugin_entry_points())
+    cacheable = not args.emit and not args.sets and not plugins
+    options = {"search": sorted(args.path), "roots": sorted(str(r) for r in roots)}
+    cached = {f: check_cache.lookup(f, options) for f in files} if cacheable else {}
+    all_diags: list[Diagnostic] = []
+    if not all(cached.get(f) for f in files):
+        from shapeflow.compiler.pipeline import plugin_diagnostics
+        from shapeflow.stdlib.registry import default_registry
+
+        all_diags.extend(plugin_diagnostics(default_registry()))
     sources: dict[str, str] = {}
     results = []
     for f in files:
-        result = _compile_one(args, f, roots)
-        results.append(result)
-        all_diags.extend(result.diagnostics)
-        sources.update(result.sources)
+        hit = cached.get(f)
+        if hit is not None:
+            diagnostics, texts = hit
+        else:
+            result = _compile_one(args, f, roots)
+            results.append(result)
+            diagnostics, texts = result.diagnostics, result.sources
+            if cacheable:
+                check_cache.store(f, options, diagnostics, texts, plugins)
+        all_diags.extend(diagnostics)
+        sources.update(texts)
     unique = {(d.span, d.code, d.message): d for d in all_diags}  # a parent's errors, reached twice
     diags = sorted(unique.values(), key=Diagnostic.sort_key)
     _print_diagnostics(diags, sources, args.format)

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 # Tests parse thousands of throw-away specs: keep them out of the user's parse cache (the
 # cache itself is tested with a cache folder of its own).
 os.environ["SHAPEFLOW_PARSE_CACHE"] = "off"
+os.environ["SHAPEFLOW_CHECK_CACHE"] = "off"  # tests check what the checker says now, not a stored answer
 
 from shapeflow._lazy import torch  # imported on first use: test files without torch still collect
 from shapeflow.runtime.batch import RolloutBatch

@@ -224,3 +224,38 @@ def test_parsed_specs_are_cached_on_disk_and_refreshed_when_edited(capsys, tmp_p
     resolve._PARSED.clear()
     assert run(capsys, "check", "s.shape") == (0, "", "")
     assert len(list((tmp_path / "cache" / "parsed").glob("*/*.pickle"))) == 2
+
+
+def test_check_reuses_a_stored_result_until_a_file_it_read_changes(capsys, tmp_path, monkeypatch):
+    import shapeflow.cli as cli
+
+    monkeypatch.setenv("SHAPEFLOW_CHECK_CACHE", "on")
+    monkeypatch.setenv("SHAPEFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    Path("parent.shape").write_text((SPECS / "grpo.shape").read_text())
+    Path("child.shape").write_text('spec child { extends = "parent.shape" }\nparam unused_beta = 1\n')
+    first = run(capsys, "check", "child.shape")
+    assert first[0] == 0 and "warning[W101]: param 'unused_beta' is never used" in first[1]
+
+    calls = []
+    real = cli._compile_one
+    monkeypatch.setattr(cli, "_compile_one", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    assert run(capsys, "check", "child.shape") == first  # same output, nothing compiled
+    assert calls == []
+
+    Path("parent.shape").write_text(Path("parent.shape").read_text().replace("grop", "grpo").replace(
+        "advantage adv     = grpo(", "advantage adv     = grop("))
+    code, out, _ = run(capsys, "check", "child.shape")  # a parent changed: checked again
+    assert calls == [Path("child.shape")] and code == 1 and "error[E201]: unknown stage 'grop'" in out
+    run(capsys, "check", "child.shape", "--set", "group_size=4")  # --set always compiles
+    assert len(calls) == 2
+
+
+def test_a_stored_check_loads_neither_pydantic_nor_the_stage_library(tmp_path):
+    env = {**__import__("os").environ, "SHAPEFLOW_CHECK_CACHE": "on", "SHAPEFLOW_CACHE": str(tmp_path)}
+    cmd = [sys.executable, "-X", "importtime", "-m", "shapeflow.cli", "check", "specs/grpo.shape"]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert first.returncode == second.returncode == 0
+    assert "shapeflow.stdlib.registry" in first.stderr  # the first check compiles
+    assert "shapeflow.stdlib.registry" not in second.stderr and " pydantic\n" not in second.stderr

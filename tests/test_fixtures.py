@@ -46,7 +46,6 @@ them) or NOT_COVERED (with the reason); ``test_every_code_has_a_golden`` keeps b
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shlex
@@ -56,6 +55,7 @@ import pytest
 
 from shapeflow.cli import main
 from shapeflow.dsl.codes import CODES
+from shapeflow.plugins import EntryPoint
 from shapeflow.stdlib.registry import ENTRY_POINT_GROUP, Registry, default_registry
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -102,11 +102,10 @@ def _setup_update_phase_stage(monkeypatch) -> None:
 
 
 def _setup_broken_plugin(monkeypatch) -> None:
-    ep = importlib.metadata.EntryPoint(name="broken_stages", value="shapeflow_fixture_no_such_module",
-                                       group=ENTRY_POINT_GROUP)
+    ep = EntryPoint(name="broken_stages", value="shapeflow_fixture_no_such_module", group=ENTRY_POINT_GROUP)
     scratch = Registry()
     with monkeypatch.context() as m:
-        m.setattr("shapeflow.stdlib.registry._plugin_entry_points", lambda: [ep])
+        m.setattr("shapeflow.stdlib.registry.plugin_entry_points", lambda: [ep])
         scratch.load_plugins()
     assert len(scratch.plugin_errors) == 1
     monkeypatch.setattr(default_registry(), "plugin_errors", scratch.plugin_errors)

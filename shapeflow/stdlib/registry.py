@@ -25,13 +25,12 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from shapeflow._cache import cache_root, write_atomic
+from shapeflow.plugins import ENTRY_POINT_GROUP, plugin_entry_points
 from shapeflow.compiler.types import Type, parse_type
 from shapeflow.stdlib.needs import NEEDS, template_param
 
 STAGE_KINDS = ("model", "data", "rollout", "verify", "reward", "signal", "advantage", "loss")
 PHASES = ("setup", "rollout", "update")
-ENTRY_POINT_GROUP = "shapeflow.stages"
 
 STDLIB_MODULES = (
     "shapeflow.stdlib.models",
@@ -174,7 +173,7 @@ class Registry:
         """Load the ``shapeflow.stages`` entry points; failures are recorded, not raised."""
         global _current_source
 
-        for ep in _plugin_entry_points():
+        for ep in plugin_entry_points():
             _current_source = ep.name
             try:
                 obj = ep.load()
@@ -189,76 +188,6 @@ class Registry:
 _current_source = "shapeflow"
 
 
-def _plugin_entry_points() -> list:
-    """The ``shapeflow.stages`` entry points of the installed distributions.
-
-    ``importlib.metadata.entry_points()`` builds a Distribution for every installed package
-    (30+ ms in a full environment); this reads only the ``entry_points.txt`` files that mention
-    the group, and remembers the answer in the user cache keyed by the sys.path folders and
-    their modification times (installing or removing a package changes them), which keeps
-    `shapeflow check` quick to start. First distribution on sys.path wins, as importlib does."""
-    import json
-    import os
-    import sys
-    from importlib.metadata import EntryPoint
-
-    key = []
-    for base in sys.path:
-        try:
-            key.append([base, os.stat(base or ".").st_mtime_ns])
-        except OSError:
-            key.append([base, None])
-    cache = cache_root() / "plugins.json"
-    try:
-        saved = json.loads(cache.read_text(encoding="utf-8"))
-        if saved.get("key") == key:
-            return [EntryPoint(name=n, value=v, group=ENTRY_POINT_GROUP) for n, v in saved["entry_points"]]
-    except (OSError, ValueError, AttributeError):
-        pass
-    found = _scan_entry_points()
-    write_atomic(cache, json.dumps({"key": key, "entry_points": [[e.name, e.value] for e in found]}).encode())
-    return found
-
-
-def _scan_entry_points() -> list:
-    import configparser
-    import os
-    import sys
-    from importlib.metadata import EntryPoint
-
-    found: dict[str, EntryPoint] = {}
-    seen_dists: set[str] = set()
-    for base in sys.path:
-        try:
-            entries = os.scandir(base or ".")
-        except OSError:
-            continue
-        with entries:
-            for entry in entries:
-                if not entry.name.endswith((".dist-info", ".egg-info")):
-                    continue
-                dist = entry.name.rsplit("-", 1)[0].lower().replace("_", "-")
-                if dist in seen_dists:
-                    continue
-                seen_dists.add(dist)
-                path = os.path.join(entry.path, "entry_points.txt")
-                try:
-                    with open(path, encoding="utf-8") as handle:
-                        text = handle.read()
-                except OSError:
-                    continue
-                if ENTRY_POINT_GROUP not in text:
-                    continue
-                parser = configparser.ConfigParser(delimiters=("=",), interpolation=None)
-                parser.optionxform = str  # entry-point names are case-sensitive
-                try:
-                    parser.read_string(text)
-                except configparser.Error:
-                    continue
-                if parser.has_section(ENTRY_POINT_GROUP):
-                    for name, value in parser.items(ENTRY_POINT_GROUP):
-                        found.setdefault(name, EntryPoint(name=name, value=value.strip(), group=ENTRY_POINT_GROUP))
-    return sorted(found.values(), key=lambda e: e.name)
 
 
 def _where(fn: Callable) -> str:
