@@ -207,11 +207,15 @@ class GenerateEngine:
 
     @torch.no_grad()
     def generate(self, examples: list[Any], *, n: int, max_new_tokens: int, temperature: float,
-                 top_p: float, top_k: int, greedy: bool = False, chat: bool = False) -> RolloutBatch:
+                 top_p: float, top_k: int, greedy: bool = False, chat: bool = False,
+                 logprobs: bool = False) -> RolloutBatch:
         """``n`` responses for each example; responses of one example are adjacent.
 
         A sampling loop with a key/value cache: each prompt is run once and its cache repeated
-        for its ``n`` responses; decoding stops when every response has ended."""
+        for its ``n`` responses; decoding stops when every response has ended. ``logprobs``
+        records ``extra["rollout_logprobs"]``: log softmax(z/T) of each sampled token as the
+        sampler saw it (the update phase's convention: temperature, no top-k/top-p), the
+        numbers a train/inference mismatch correction compares with the trainer's."""
         policy = self.policy
         model = policy.model
         eos, pad = policy.eos_token_id, policy.pad_token_id
@@ -230,11 +234,14 @@ class GenerateEngine:
         attention = prompt_mask
         B = len(repeat)
         done = torch.zeros(B, dtype=torch.bool, device=repeat.device)
-        tokens = []
+        tokens, sampled_logprobs = [], []
         for _ in range(max_new_tokens):
             nxt = sample_next(logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             tokens.append(nxt)
+            if logprobs:
+                scaled = logits.float() / temperature
+                sampled_logprobs.append(scaled.gather(-1, nxt[:, None]).squeeze(-1) - scaled.logsumexp(-1))
             done = done | (nxt == eos)
             if bool(done.all()):
                 break
@@ -250,6 +257,10 @@ class GenerateEngine:
         texts = policy.tokenizer.batch_decode(torch.where(mask, response_ids, torch.full_like(response_ids, pad)),
                                               skip_special_tokens=True)
         prompt_ids = [e.id for e in rows]
+        extra = {}
+        if logprobs:
+            lp = torch.stack(sampled_logprobs, dim=1) if sampled_logprobs else torch.zeros(B, 0, device=mask.device)
+            extra["rollout_logprobs"] = lp * mask
         return RolloutBatch(
             prompt_ids=prompt_ids,
             group_index=group_index_of(prompt_ids).to(self.device),
@@ -262,6 +273,7 @@ class GenerateEngine:
             examples=rows,
             prompt_tokens=prompt_tokens,
             prompt_mask=prompt_mask,
+            extra=extra,
         )
 
 

@@ -71,6 +71,10 @@ class StepContext:
     def engine(self, name: str, policy):
         return self.trainer.engine(name, policy)
 
+    def wants(self, need: str) -> bool:
+        """Whether some stage of the spec needs ``need`` (an engine computes extras only then)."""
+        return need in self.trainer.program.needs
+
     def complete(self, batch: RolloutBatch, policy, *, temperature: float) -> RolloutBatch:
         return self.trainer.complete(batch, policy, temperature=temperature, micro_rows=self.micro_rows)
 

@@ -45,6 +45,9 @@ NEEDS: dict[str, Need] = {
              "trainer"),
         Need("sampled_logit", "tok", "extra.sampled_logit",
              "the raw logit (before temperature) of each sampled token (UCAS token certainty)", "trainer"),
+        Need("rollout_logprobs", "tok", "extra.rollout_logprobs",
+             "log-probs of the sampled tokens as the rollout engine computed them while sampling (temperature "
+             "applied, no top-k/top-p), beside the trainer's recomputation `logprobs` (mismatch correction)"),
         Need("sum_pi_squared", "tok", "extra.sum_pi_squared",
              "Σ_v π(v)² of the behaviour policy's next-token distribution at each response position, at the "
              "rollout temperature (verl calculate_sum_pi_squared; the optimal token baseline)", "trainer"),

@@ -44,6 +44,7 @@ STDLIB_MODULES = (
     "shapeflow.stdlib.losses",
     "shapeflow.stdlib.critic",
     "shapeflow.stdlib.token_baselines",
+    "shapeflow.stdlib.mismatch",
     "shapeflow.stdlib.shaping",
     "shapeflow.stdlib.shaping_rewards",
     "shapeflow.stdlib.shaping_state",

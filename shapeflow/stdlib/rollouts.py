@@ -12,12 +12,12 @@ from shapeflow.stdlib.registry import REGISTRY, StageParams, stage
 REGISTRY.add_engine(
     "generate",
     provides=("prompt", "answer", "response", "response_ids", "logprobs", "truncated", "scores",
-              "entropy", "hidden_states"),
+              "entropy", "hidden_states", "rollout_logprobs"),
     doc="Hugging Face `generate` on the training model (CPU or GPU).",
 )
 REGISTRY.add_engine(
     "vllm",
-    provides=("prompt", "answer", "response", "response_ids", "logprobs", "truncated", "scores"),
+    provides=("prompt", "answer", "response", "response_ids", "logprobs", "truncated", "scores", "rollout_logprobs"),
     doc="vLLM: sampled-token log-probs only; full-vocabulary quantities need a trainer-side pass.",
 )
 
@@ -51,7 +51,8 @@ def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, eng
     """
     examples = ctx.next_prompts(prompts)
     batch = ctx.engine(engine, policy).generate(
-        examples, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, chat=chat
+        examples, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, chat=chat,
+        logprobs=ctx.wants("rollout_logprobs"),
     )
     batch.task = prompts
     return ctx.complete(batch, policy, temperature=temperature)
