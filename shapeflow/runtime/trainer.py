@@ -227,6 +227,15 @@ class Trainer:
             self.engines[key] = ENGINES[name](policy, self.device)
         return self.engines[key]
 
+    def _weights_changed(self) -> None:
+        """After every optimizer step: engines that keep a copy of the weights (vLLM) get the new
+        ones (an engine declares ``weights_updated(model)``; the generate engine samples from the
+        training model itself and has none)."""
+        for engine in self.engines.values():
+            hook = getattr(engine, "weights_updated", None)
+            if hook is not None:
+                hook(self.accelerator.unwrap_model(self.model))
+
     # --- rollout phase -------------------------------------------------------------------
     def micro_batches(self, size: int, step: int, epoch: int) -> list[list["torch.Tensor"]]:
         """Minibatches (each a list of micro-batch row sets) for one epoch of one step."""
@@ -431,6 +440,7 @@ class Trainer:
                     grad_norms.append(float(norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self._weights_changed()
         self.scheduler.step()
         metrics = {}
         for n, vals in losses.items():
