@@ -33,6 +33,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -299,9 +300,9 @@ def ref_reinforce_pp(rewards, b, gamma=1.0, eps=1e-8):
     valid tokens that ends the row, 0 on earlier runs (rows with holes). With γ = 1 and no
     holes that is r_i on every valid token: whitened per row, written once. A token reward:
     γ = 1 a reverse cumulative sum (minus its value at the next invalid position when there
-    are holes); γ < 1 the recurrence over T on a contiguous (T, B) copy."""
+    are holes); γ < 1 the recurrence over T on a contiguous (T, B) copy, two operations a
+    step, written in place."""
     m = b.mask
-    valid = m > 0
     r = rewards.to(torch.float32)
     B, T = m.shape
     pos = torch.arange(T, dtype=torch.float32)
@@ -313,12 +314,14 @@ def ref_reinforce_pp(rewards, b, gamma=1.0, eps=1e-8):
             if gamma == 1.0:
                 a, _ = _row_whiten(r, count, count, False, eps)
                 return a[:, None] * m
-            G = r[:, None] * torch.pow(gamma, L[:, None] - pos) * m
+            # the exponent is clamped at 0 on padding: γ^−k overflows there for γ below ~0.92
+            G = r[:, None] * torch.pow(gamma, (L[:, None] - pos).clamp(min=0)) * m
             return _whiten_tok(G, m, eps, eps_at="var", finite=True)
-        tok = torch.where(valid, r, 0.0)
+        tok = torch.where(m > 0, r, 0.0)
         if gamma == 1.0:
             return _whiten_tok(tok.flip(-1).cumsum(-1).flip(-1), m, eps, eps_at="var", finite=True)
     else:  # general masks
+        valid = m > 0
         # the last invalid position before L_i: the run that ends the row is (Z_i, L_i]
         Z = torch.where(valid | (pos >= L[:, None]), -1.0, pos).amax(-1)
         run = valid & (pos > Z[:, None])
@@ -335,22 +338,22 @@ def ref_reinforce_pp(rewards, b, gamma=1.0, eps=1e-8):
             return _whiten_tok(G * m, m, eps, eps_at="var", finite=True)
     tt, mt = tok.t().contiguous(), m.t().contiguous()
     Gt = torch.empty_like(tt)
-    run = r.new_zeros(B)
+    run = r.new_zeros(B)  # m_{t+1} G_{t+1}
     for t in range(T - 1, -1, -1):
-        run = torch.add(tt[t], run, alpha=gamma)
-        Gt[t] = run
-        run = run * mt[t]
+        torch.add(tt[t], run, alpha=gamma, out=Gt[t])
+        torch.mul(Gt[t], mt[t], out=run)
     return _whiten_tok(Gt.t().contiguous() * m, m, eps, eps_at="var", finite=True)
 
 
 def ref_remax(rewards, b):
     """A = Σ_{k ≥ t} r m − b_i on valid tokens, 0 elsewhere. A sequence reward sits on the last
-    valid token, so every valid token of row i gets r_i − b_i."""
+    valid token, so every valid token of row i gets r_i − b_i; a row without tokens is 0 even
+    if its reward is NaN (the stage's contract: one row sum of the mask)."""
     m = b.mask
     base = b.extra["greedy_baseline"].to(torch.float32)
     r = rewards.to(torch.float32)
     if r.dim() == 1:
-        return (r - base)[:, None] * m
+        return torch.where(m.sum(-1) > 0, r - base, 0.0)[:, None] * m
     G = torch.where(m > 0, r, 0.0).flip(-1).cumsum(-1).flip(-1)
     return (G - base[:, None]) * m
 
@@ -362,8 +365,12 @@ def ref_remax(rewards, b):
 # ---------------------------------------------------------------------------------------------
 
 
-def _adv(advantages, valid):
-    return advantages[:, None] if advantages.dim() == 1 else torch.where(valid, advantages, 0.0)
+def _adv(advantages, valid, count):
+    """A (B,) advantage as a (B, 1) column, 0 on a row without tokens (the stages' contract: an
+    empty row's advantage may be NaN and must not leak in); a (B, T) one 0 on padding."""
+    if advantages.dim() == 1:
+        return torch.where(count > 0, advantages, 0.0)[:, None]
+    return torch.where(valid, advantages, 0.0)
 
 
 def _adv_dot(A, X):
@@ -388,12 +395,13 @@ def ref_ppo_clip(advantages, b, eps_low=0.2, eps_high=0.2, clip_c=3.0):
     log c], then exp (the same values up to one rounding of exp∘log at a bound)."""
     m = b.mask
     valid = m > 0
-    A = _adv(advantages, valid)
+    count = m.sum(-1)
+    A = _adv(advantages, valid, count)
     neg = A < 0
     lo = torch.where(neg, math.log(1.0 - eps_low), -20.0)
     hi = torch.where(neg, math.log(clip_c) if clip_c else 20.0, math.log(1.0 + eps_high))
     w = _log_ratio(b, valid).clamp(lo, hi).exp()
-    return -_adv_dot(A, w * m) / m.sum().clamp(min=1)
+    return -_adv_dot(A, w * m) / count.sum().clamp(min=1)
 
 
 def ref_kl(b):
@@ -432,7 +440,7 @@ def ref_sapo(advantages, b, tau_pos=1.0, tau_neg=1.05):
     m = b.mask
     valid = m > 0
     n = m.sum(-1)
-    A = _adv(advantages, valid)
+    A = _adv(advantages, valid, n)
     ratio = _log_ratio(b, valid).clamp(-20.0, 20.0).exp()
     tau = torch.where(A > 0, tau_pos, tau_neg)
     gate = torch.sigmoid((ratio - 1.0) * tau) * m
@@ -446,18 +454,20 @@ def ref_gpg_loss(advantages, b):
     """token-mean of −A log π."""
     m = b.mask
     valid = m > 0
+    count = m.sum(-1)
     lp = torch.where(valid, b.extra["policy_logprobs"], 0.0)
-    return -_adv_dot(_adv(advantages, valid), lp) / m.sum().clamp(min=1)
+    return -_adv_dot(_adv(advantages, valid, count), lp) / count.sum().clamp(min=1)
 
 
 def ref_cispo(advantages, b, eps_low=0.2, eps_high=0.2):
     """token-mean of −sg(clip(ρ, 1 − eps_low, 1 + eps_high)) A log π (symmetric)."""
     m = b.mask
     valid = m > 0
+    count = m.sum(-1)
     lp = torch.where(valid, b.extra["policy_logprobs"], 0.0)
     with torch.no_grad():
         w = _log_ratio(b, valid).exp().clamp(1.0 - eps_low, 1.0 + eps_high)
-    return -_adv_dot(_adv(advantages, valid), w * lp) / m.sum().clamp(min=1)
+    return -_adv_dot(_adv(advantages, valid, count), w * lp) / count.sum().clamp(min=1)
 
 
 def ref_clip_cov(advantages, b, eps_low=0.2, eps_high=0.2, cov_ratio=2e-4, cov_lb=1.0, cov_ub=5.0):
@@ -465,14 +475,14 @@ def ref_clip_cov(advantages, b, eps_low=0.2, eps_high=0.2, cov_ratio=2e-4, cov_l
     taken out: their terms are subtracted again (value and gradient cancel exactly)."""
     m = b.mask
     valid = m > 0
-    A = _adv(advantages, valid)
+    count = m.sum(-1)
+    N = count.sum()
+    A = _adv(advantages, valid, count)
     ratio = _log_ratio(b, valid).exp()
     lo, hi = _clip_bounds(A, 1.0 - eps_low, 1.0 + eps_high)
     w = ratio.clamp(lo, hi)
     total = _adv_dot(A, w * m)
     with torch.no_grad():
-        count = m.sum(-1)
-        N = count.sum()
         lpd = torch.where(valid, b.extra["policy_logprobs"], 0.0)
         a_mean = ((A[:, 0] * count).sum() if A.shape[1] == 1 else A.sum()) / (N + 1e-8)
         cov = (A - a_mean) * (lpd - lpd.sum() / (N + 1e-8))
@@ -483,7 +493,7 @@ def ref_clip_cov(advantages, b, eps_low=0.2, eps_high=0.2, cov_ratio=2e-4, cov_l
         chosen = index[torch.randperm(index.numel())[:n]]
         a_chosen = A[:, 0][chosen // w.shape[1]] if A.shape[1] == 1 else A.reshape(-1)[chosen]
         total = total - (a_chosen * w.reshape(-1)[chosen]).sum()
-    return -total / m.sum().clamp(min=1)
+    return -total / N.clamp(min=1)
 
 
 def _topk_indices(x, k, parts=8):
@@ -501,12 +511,12 @@ def ref_kl_cov(advantages, b, cov_ratio=2e-4, kl_coef=0.1):
     """token-mean of −A ρ, plus kl_coef |log ρ| on the top-k valid tokens by cov."""
     m = b.mask
     valid = m > 0
-    A = _adv(advantages, valid)
+    count = m.sum(-1)
+    N = count.sum()
+    A = _adv(advantages, valid, count)
     lr = _log_ratio(b, valid)
     total = -_adv_dot(A, lr.exp() * m)
     with torch.no_grad():
-        count = m.sum(-1)
-        N = count.sum()
         lpd = torch.where(valid, b.extra["policy_logprobs"], 0.0)
         a_mean = ((A[:, 0] * count).sum() if A.shape[1] == 1 else A.sum()) / N
         cov = torch.where(valid, (A - a_mean) * (lpd - lpd.sum() / N), -INF)
@@ -514,7 +524,7 @@ def ref_kl_cov(advantages, b, cov_ratio=2e-4, kl_coef=0.1):
         top = _topk_indices(cov.view(-1), k)
     if N.item() > 0:
         total = total + kl_coef * lr.reshape(-1)[top].abs().sum()
-    return total / m.sum().clamp(min=1)
+    return total / N.clamp(min=1)
 
 
 def ref_gmpo(advantages, b, eps_low=0.4, eps_high=0.4):
@@ -522,10 +532,10 @@ def ref_gmpo(advantages, b, eps_low=0.4, eps_high=0.4):
     clamp with per-sign bounds (A > 0: ≤ eps_high; A < 0: ≥ −eps_low; A = 0: 0)."""
     m = b.mask
     valid = m > 0
-    A = _adv(advantages, valid)
+    count = m.sum(-1)
+    A = _adv(advantages, valid, count)
     lo = torch.where(A > 0, -INF, torch.where(A < 0, -eps_low, 0.0))
     hi = torch.where(A < 0, INF, torch.where(A > 0, eps_high, 0.0))
-    count = m.sum(-1)
     n = count + 1e-8
     seq_adv = (A[:, 0] * count if A.shape[1] == 1 else A.sum(-1)) / n
     return (-seq_adv * (_log_ratio(b, valid).clamp(lo, hi).sum(-1) / n).exp()).mean()
@@ -669,8 +679,62 @@ def compare(a, b) -> tuple[float, float, bool]:
 # ---------------------------------------------------------------------------------------------
 
 
-def time_pair(stage, ref, repeats: int, min_sample: float) -> tuple[list[float], list[float]]:
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy clock ticks of all CPUs, busy ticks of this process), from /proc; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return sum(v) - v[3] - v[4], int(own[11]) + int(own[12])  # all but idle and iowait; utime + stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class BusyGuard:
+    """Retakes a sample during which other processes used the CPU.
+
+    On a shared 2-core machine another process's burst takes a core from torch's two threads,
+    and a parallel op then waits for its descheduled half: calls slow down by whole scheduler
+    slices (a 0.1 ms stage measured 25 ms in such a burst), for stage and reference alike but
+    not by the same factor. A sample is busy when the CPU time of all other processes during it
+    (/proc/stat's busy ticks minus this process's own) exceeds ``share`` of its wall time; it is
+    then taken again after a pause, for up to ``wait`` seconds, and kept as it is after that
+    (counted in ``kept``). ``retaken`` counts the retakes. Off where /proc is missing."""
+
+    share: float = 0.05
+    wait: float = 120.0
+    retaken: int = 0
+    kept: int = 0
+
+    def sample(self, fn: Callable[[], Any], n: int) -> float:
+        """Seconds per call of ``fn``, averaged over ``n`` calls in a quiet moment."""
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        give_up = time.perf_counter() + self.wait
+        while True:
+            before = _cpu_ticks()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            wall = time.perf_counter() - t0
+            after = _cpu_ticks()
+            if before is None or after is None or self.share <= 0:
+                return wall / n
+            foreign = ((after[0] - before[0]) - (after[1] - before[1])) / hz  # seconds of other processes
+            if foreign <= self.share * wall + 2.0 / hz:  # (ticks are counted at the clock's resolution)
+                return wall / n
+            if time.perf_counter() > give_up:
+                self.kept += 1
+                return wall / n
+            self.retaken += 1
+            time.sleep(0.5)
+
+
+def time_pair(stage, ref, repeats: int, min_sample: float, guard: BusyGuard | None = None
+              ) -> tuple[list[float], list[float]]:
     """Per-call seconds of each, ``repeats`` samples, alternating A B, B A, ..."""
+    guard = guard or BusyGuard(share=0.0)
     inner = {}
     for fn in (stage, ref):
         fn()  # warm-up (allocator, lazy init)
@@ -682,11 +746,7 @@ def time_pair(stage, ref, repeats: int, min_sample: float) -> tuple[list[float],
     for i in range(repeats):
         order = ((stage, ts), (ref, tr)) if i % 2 == 0 else ((ref, tr), (stage, ts))
         for fn, acc in order:
-            n = inner[fn]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            acc.append((time.perf_counter() - t0) / n)
+            acc.append(guard.sample(fn, inner[fn]))
     return ts, tr
 
 
@@ -870,6 +930,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
                    help="reuse (default): keep freed memory in the heap (glibc mallopt), so page faults of "
                    "fresh 16 MB blocks do not blur the timings; default: leave glibc's thresholds")
+    p.add_argument("--busy-share", type=float, default=0.05,
+                   help="retake a sample during which other processes used more CPU than this share of its "
+                   "wall time (from /proc; default 0.05; 0 turns the check off)")
+    p.add_argument("--busy-wait", type=float, default=120.0,
+                   help="seconds to keep retaking one busy sample before keeping it (default 120)")
     p.add_argument("--only", action="append", default=None, metavar="NAME",
                    help="only this stage (a registry name or a row name); repeatable")
     p.add_argument("--no-check", action="store_true", help="skip the small-batch reference check")
@@ -897,7 +962,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, python {platform.python_version()}, "
           f"malloc: {malloc}")
     print(f"# batch: B={args.rows} responses in groups of {args.group} (shuffled), T={args.tokens}, "
-          f"repeats={args.repeats}, ≥{args.min_sample}s per sample, median per call", flush=True)
+          f"repeats={args.repeats}, ≥{args.min_sample}s per sample, median per call"
+          + (f", samples retaken while other processes use > {args.busy_share:g} of a core" if args.busy_share > 0 else ""),
+          flush=True)
     if missing:
         print(f"# not in the registry (skipped): {', '.join(missing)}")
     if uncovered:
@@ -920,10 +987,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {'stage':<28} | {'stage ms':>9} | {'ref ms':>9} | {'ratio':>7} | {'max abs diff':>12} "
           f"| {'grad diff':>9} |")
     print(f"|{'-' * 30}|{'-' * 10}:|{'-' * 10}:|{'-' * 8}:|{'-' * 13}:|{'-' * 10}:|")
+    guard = BusyGuard(share=args.busy_share, wait=args.busy_wait)
     for case in cases:
         stage, ref = make_callables(case, data)
         d_out, d_grad, ok = compare(stage(), ref())
-        ts, tr = time_pair(stage, ref, args.repeats, args.min_sample)
+        retaken, kept = guard.retaken, guard.kept
+        ts, tr = time_pair(stage, ref, args.repeats, args.min_sample, guard)
         ms, mr = statistics.median(ts) * 1e3, statistics.median(tr) * 1e3
         ratio = ms / mr
         flag = " !" if ratio > TARGET else "  "
@@ -932,9 +1001,14 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if ok else "  MISMATCH"), flush=True)
         rows.append({"stage": case.name, "registry": case.stage, "kind": case.kind, "stage_ms": ms, "ref_ms": mr,
                      "ratio": ratio, "max_abs_diff": d_out, "grad_rel_diff": d_grad if case.kind == "loss" else None,
-                     "agree": ok, "stage_samples_ms": [t * 1e3 for t in ts], "ref_samples_ms": [t * 1e3 for t in tr]})
+                     "agree": ok, "stage_samples_ms": [t * 1e3 for t in ts], "ref_samples_ms": [t * 1e3 for t in tr],
+                     "busy_retaken": guard.retaken - retaken, "busy_kept": guard.kept - kept})
     over = [r["stage"] for r in rows if r["ratio"] > TARGET]
     print(f"# above {TARGET}×: {', '.join(over) if over else 'none'}")
+    if args.busy_share > 0:
+        busy = [f"{r['stage']} ({r['busy_kept']})" for r in rows if r["busy_kept"]]
+        print(f"# samples retaken because other processes used the CPU: {guard.retaken}; kept busy after "
+              f"{args.busy_wait:g} s: {guard.kept}" + (f" ({', '.join(busy)})" if busy else ""))
     if args.json:
         print(json.dumps({"rows": rows, "missing": missing, "threads": torch.get_num_threads(),
                           "B": args.rows, "T": args.tokens}, indent=1))

@@ -263,7 +263,8 @@ def cmd_run(args) -> int:
     except (RunError, ModelError, StageError) as exc:
         print(f"shapeflow run: {exc}", file=sys.stderr)
         return EXIT_ERRORS
-    _print_run_summary(summary)
+    if summary.get("rank", 0) == 0:  # under `accelerate launch`, the first process reports
+        _print_run_summary(summary)
     return EXIT_OK
 
 

@@ -383,6 +383,40 @@ def test_reinforce_pp_discount_and_reset_by_hand():
     close(seq, ref_reinforce_pp([1.0, 3.0], [[1, 1, 0], [1, 0, 0]], gamma=0.5))
 
 
+@pytest.mark.parametrize("gamma", [1.0, 0.9, 0.0])
+@pytest.mark.parametrize("token_level", [False, True])
+def test_reinforce_pp_masks_with_holes(gamma, token_level):
+    # masked spans inside responses (tool output), an empty row, a row that starts with a span: the
+    # return restarts after each span (γ = 1 from reverse sums, γ < 1 from the loop)
+    g = torch.Generator().manual_seed(4)
+    mask = (torch.rand(7, 9, generator=g) < 0.7).to(torch.int64)
+    mask[1] = 0
+    mask[2, :3] = 0
+    mask = mask.tolist()
+    if token_level:
+        tok = torch.randn(7, 9, generator=g, dtype=torch.float64)
+        rewards = torch.where(torch.tensor(mask) > 0, tok, NAN)
+        want = ref_reinforce_pp([[v if m else 0.0 for v, m in zip(row, mrow)] for row, mrow in zip(tok.tolist(), mask)],
+                                mask, gamma=gamma)
+    else:
+        rewards = torch.rand(7, generator=g).tolist()
+        want = ref_reinforce_pp(rewards, mask, gamma=gamma)
+    adv = run("reinforce_pp", rewards, list(range(7)), mask, gamma=gamma)
+    assert torch.isfinite(adv).all() and (adv[torch.tensor(mask) == 0] == 0).all()
+    close(adv, want, abs_=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.0])
+def test_reinforce_pp_small_gamma_long_responses(gamma):
+    # γ^(L − 1 − t) is never evaluated past a response's end, where γ^−k would overflow (0.5^−300)
+    lengths = [300, 1, 157, 0]
+    mask = [[1 if t < n else 0 for t in range(300)] for n in lengths]
+    rewards = [1.0, -2.0, 0.5, 3.0]
+    adv = run("reinforce_pp", rewards, [0, 0, 1, 1], mask, gamma=gamma)
+    assert torch.isfinite(adv).all() and (adv[torch.tensor(mask) == 0] == 0).all()
+    close(adv, ref_reinforce_pp(rewards, mask, gamma=gamma), abs_=1e-5)
+
+
 def test_reinforce_pp_baseline_worked_example():
     mask = [[1] * 6, [1] * 5 + [0], [1] * 4 + [0] * 2, [1] * 6, [1] * 3 + [0] * 3, [1] * 3 + [0] * 3]
     adv = run("reinforce_pp_baseline", [1, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1], mask)
@@ -691,3 +725,11 @@ def test_remax_token_rewards_use_the_reward_to_go():
     batch = make_batch([0], [[1, 1, 1]], extra={"greedy_baseline": [0.5]})
     got = call("remax", torch.tensor([[0.1, 0.2, 0.7]]), batch)
     assert got[0].tolist() == pytest.approx([0.5, 0.4, 0.2])
+
+
+def test_remax_empty_row_is_zero_even_with_a_nan_reward():
+    from conftest import call, make_batch
+
+    batch = make_batch([0, 0, 1], [[1, 1], [0, 0], [1, 0]], extra={"greedy_baseline": [1.0, 1.0, 0.0]})
+    got = call("remax", torch.tensor([0.0, NAN, 2.0]), batch)
+    assert got.tolist() == [[-1.0, -1.0], [0.0, 0.0], [2.0, 0.0]]

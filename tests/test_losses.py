@@ -859,3 +859,77 @@ def test_loss_properties(name, pad_params, perm_params, data, fill, agg):
     permuted, _ = value(perm_params, fill=fill, rows=perm)
     assert torch.isfinite(permuted)
     close(permuted, base.item(), 1e-9 * max(1.0, abs(base.item())))
+
+
+# --------------------------------------------------------------------------------------------
+# the row-sum form: a sequence advantage stays a (B, 1) column, a few tokens' terms are added to
+# their rows' sums, the per-token terms are built only when read
+# --------------------------------------------------------------------------------------------
+
+SEQ_ADV_LOSSES = ("losses.ppo_clip", "losses.gspo", "losses.sapo", "losses.gpg", "losses.cispo", "losses.clip_cov",
+                  "losses.kl_cov", "losses.gmpo")
+
+
+@pytest.mark.parametrize("name", SEQ_ADV_LOSSES)
+@pytest.mark.parametrize("fill", [NAN, float("inf")])
+def test_sequence_advantage_of_an_empty_row_does_not_leak(name, fill):
+    adv, logp, old, _, mask = parity_batch(1)  # row 2 is empty
+    bad = adv.clone()
+    bad[2] = fill
+    torch.manual_seed(0)
+    want, want_grad = run(name, adv, logp, old, mask)
+    torch.manual_seed(0)
+    got, grad = run(name, bad, logp, old, mask)
+    assert torch.isfinite(got) and got.item() == want.item()
+    assert torch.isfinite(grad).all()
+    close(grad, want_grad, 0.0)
+
+
+def test_clip_cov_zero_advantage_tokens_are_candidates():
+    # a token with A = 0 is never PPO-clipped (ℓ1 = ℓ2 = 0), whatever its ratio: verl keeps it a candidate
+    adv, logp, old, mask = cov_batch(21, B=5, T=12)
+    tok = adv[:, None] * (1 + 0.3 * torch.rand(5, 12, generator=torch.Generator().manual_seed(2), dtype=D)) * mask
+    tok[:, ::3] = 0.0
+    old = old - 0.5 * (torch.arange(12) % 3 == 0).to(D)  # ratio e^0.5 ≈ 1.65 there: beyond 1 + eps_high
+    for agg in MODES:
+        check_parity("losses.clip_cov",
+                     lambda lp: ref_clip_cov(tok, lp, old, mask, 0.2, 0.2, 0.5, -100.0, 100.0, agg)[0],
+                     tok, logp, old, mask, seed=3, agg=agg, cov_ratio=0.5, cov_lb=-100.0, cov_ub=100.0)
+
+
+def test_gmpo_zero_advantage_token_with_zero_log_ratio_has_no_gradient():
+    # Δ = 0 exactly on the A = 0 token: sign(A) · min(...) is 0 with gradient 0 (a clamp to [0, 0] alone
+    # would pass the gradient at its bound)
+    loss, grad = run("losses.gmpo", [[2.0, 0.0, 2.0]], [[0.1, -0.3, 0.1]], [[0.0, -0.3, 0.0]])
+    rho = math.exp(0.2 / 3)
+    close(loss, -(4 / 3) * rho, 1e-9)
+    close(grad, [-(4 / 3) * rho / 3, 0.0, -(4 / 3) * rho / 3], 1e-9)
+
+
+@pytest.mark.parametrize("name, params", [
+    ("losses.ppo_clip", {}), ("losses.gspo", {}), ("losses.sapo", {}), ("losses.gpg", {}), ("losses.cispo", {}),
+    ("losses.clip_cov", {"cov_ratio": 0.3, "cov_lb": -100.0, "cov_ub": 100.0}), ("losses.kl_cov", {"cov_ratio": 0.3}),
+])
+@pytest.mark.parametrize("token_adv", [False, True])
+def test_terms_are_the_per_token_loss(name, params, token_adv):
+    """``.terms`` (read by replay --objective) holds ℓm per token: its row sums give the loss under
+    seq-mean-token-sum, a chosen Clip-Cov token is 0 there, a KL-Cov top token carries its penalty."""
+    adv, logp, old, _, mask = parity_batch(3, B=6, T=10, token_adv=token_adv)
+    extra = {} if name == "losses.gspo" else {"agg": "seq-mean-token-sum"}
+    torch.manual_seed(0)
+    loss = call(name, adv, make_batch(range(6), mask, policy_logprobs=logp, logprobs=old), **params, **extra)
+    terms = loss.terms.detach()
+    assert terms.shape == mask.shape and not terms.requires_grad
+    assert (terms[mask == 0] == 0).all()
+    rows = mask.sum(-1) > 0
+    per_seq = terms.sum(-1) if extra else terms.sum(-1) / (mask.sum(-1) + 1e-8)
+    close(per_seq[rows].mean(), loss.item(), 1e-12)
+    if name == "losses.clip_cov":  # the tokens verl's procedure takes out (same seed) are exactly 0
+        torch.manual_seed(0)
+        _, corr = ref_clip_cov(adv, logp, old, mask, 0.2, 0.2, 0.3, -100.0, 100.0, "seq-mean-token-sum")
+        chosen = (corr == 0) & (mask > 0)
+        assert chosen.any() and (terms[chosen] == 0).all()
+        a = adv_tokens(adv, mask)
+        ratio = torch.exp(logp - old)
+        want = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2)) * corr * mask
+        close(terms, want, 1e-12)

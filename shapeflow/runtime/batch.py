@@ -7,7 +7,7 @@ scatter over it, never a Python loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from shapeflow._lazy import torch
@@ -78,6 +78,18 @@ class RolloutBatch:
         if value is None:
             raise MissingNeed(f"the rollouts carry no '{where}' (need '{name}')")
         return value
+
+    def to(self, device) -> "RolloutBatch":
+        """The same batch with every tensor on ``device`` (a new object; lists are shared)."""
+
+        def move(v):
+            return v.to(device) if hasattr(v, "to") and hasattr(v, "device") else v
+
+        changes = {f: move(getattr(self, f)) for f in ("group_index", "mask", "response_ids", "logprobs",
+                                                       "ref_logprobs", "entropy", "truncated", "prompt_tokens",
+                                                       "prompt_mask")}
+        return replace(self, **changes, scores={k: move(v) for k, v in self.scores.items()},
+                       extra={k: move(v) for k, v in self.extra.items()})
 
     def select(self, rows: "Tensor") -> "RolloutBatch":
         """The sub-batch of ``rows`` (a minibatch); group ids are kept."""

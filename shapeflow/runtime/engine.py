@@ -45,7 +45,7 @@ def new_cache(model):
     """An empty key/value cache for ``model``, filled in place by each forward it is given to."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    return DynamicCache(config=getattr(model, "module", model).config)  # a DDP wrapper holds the model
 
 
 def with_cache(model, cache) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def token_values(model, value_head, prompt_tokens: "Tensor", prompt_mask: "Tenso
     """(B, T) V(s_t) of a separate critic: ``value_head`` on the last hidden state of ``model``'s
     body (no language-model head), at the state before each response token, as the log-probs
     are aligned; each prompt runs once per group, as in ``token_logprobs``."""
-    body = model.base_model
+    body = getattr(model, "module", model).base_model
     P = prompt_tokens.shape[1]
     attention = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], dim=1)
     positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
@@ -171,9 +171,12 @@ def token_values(model, value_head, prompt_tokens: "Tensor", prompt_mask: "Tenso
     return value_head(states.to(value_head.weight.dtype)).squeeze(-1).float() * response_mask.to(torch.float32)
 
 
-def sample_next(logits: "Tensor", *, temperature: float, top_p: float, top_k: int, greedy: bool) -> "Tensor":
+def sample_next(logits: "Tensor", *, temperature: float, top_p: float, top_k: int, greedy: bool,
+                generators: list | None = None) -> "Tensor":
     """One token per row from (B, V) logits: argmax, or a sample of softmax(logits / T) after
-    top-k and top-p filtering (the same temperature the log-probs use)."""
+    top-k and top-p filtering (the same temperature the log-probs use). ``generators``: one
+    random stream per block of B / len(generators) consecutive rows (a prompt's responses), so
+    a prompt's samples do not depend on which other prompts share the batch."""
     if greedy:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -185,7 +188,11 @@ def sample_next(logits: "Tensor", *, temperature: float, top_p: float, top_k: in
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+    probs = logits.softmax(-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    blocks = probs.split(probs.shape[0] // len(generators))
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(blocks, generators)]).squeeze(-1)
 
 
 class GenerateEngine:
@@ -208,14 +215,16 @@ class GenerateEngine:
     @torch.no_grad()
     def generate(self, examples: list[Any], *, n: int, max_new_tokens: int, temperature: float,
                  top_p: float, top_k: int, greedy: bool = False, chat: bool = False,
-                 logprobs: bool = False) -> RolloutBatch:
+                 logprobs: bool = False, seeds: list[int] | None = None) -> RolloutBatch:
         """``n`` responses for each example; responses of one example are adjacent.
 
         A sampling loop with a key/value cache: each prompt is run once and its cache repeated
         for its ``n`` responses; decoding stops when every response has ended. ``logprobs``
         records ``extra["rollout_logprobs"]``: log softmax(z/T) of each sampled token as the
         sampler saw it (the update phase's convention: temperature, no top-k/top-p), the
-        numbers a train/inference mismatch correction compares with the trainer's."""
+        numbers a train/inference mismatch correction compares with the trainer's. ``seeds``
+        (one per example) give each prompt its own random stream: its responses are then the
+        same whichever other prompts, or process, share the batch."""
         policy = self.policy
         model = policy.model
         eos, pad = policy.eos_token_id, policy.pad_token_id
@@ -235,8 +244,12 @@ class GenerateEngine:
         B = len(repeat)
         done = torch.zeros(B, dtype=torch.bool, device=repeat.device)
         tokens, sampled_logprobs = [], []
+        generators = None
+        if seeds is not None and not greedy:
+            generators = [torch.Generator(device=repeat.device).manual_seed(int(s)) for s in seeds]
         for _ in range(max_new_tokens):
-            nxt = sample_next(logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
+            nxt = sample_next(logits, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
+                              generators=generators)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             tokens.append(nxt)
             if logprobs:

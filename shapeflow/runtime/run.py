@@ -167,12 +167,13 @@ def run(program: Program, spec_text: str, options: RunOptions) -> dict[str, Any]
     from shapeflow.compiler.pipeline import build_plan
     from shapeflow.compiler.render import to_json
     from shapeflow.config import TrainConfig
-    from shapeflow.runtime.plots import write_plots
-    from shapeflow.runtime.tracking import flatten_params, make_tracker
     from shapeflow.runtime.trainer import RunError, Trainer
     from shapeflow.stdlib.registry import default_registry
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    # Under `accelerate launch` every process trains; only the first one writes the run folder,
+    # tracks, evaluates and saves checkpoints.
+    main = int(os.environ.get("RANK", "0")) == 0
     graph, plan = build_plan(program)
     config: TrainConfig = program.config["train"]
     if options.steps is not None:
@@ -183,23 +184,50 @@ def run(program: Program, spec_text: str, options: RunOptions) -> dict[str, Any]
         if options.out is None:
             raise RunError(f"--resume: no earlier run of '{program.name}' under runs/; name it with --out")
     run_dir = options.out or default_run_dir(program.name)
-    if run_dir.exists() and not options.resume and any(run_dir.iterdir()):
+    if main and run_dir.exists() and not options.resume and any(run_dir.iterdir()):
         raise RunError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-
-    (run_dir / "spec.shape").write_text(spec_text, encoding="utf-8")
-    (run_dir / "graph.json").write_text(to_json(graph, plan), encoding="utf-8")
     resolved = {
         "name": program.name, "header": program.header, "chain": program.chain, "params": program.params,
         "config": {k: v.model_dump() for k, v in program.config.items()}, "needs": sorted(program.needs),
     }
     resolved["config"]["train"] = config.model_dump()
-    (run_dir / "resolved.json").write_text(json.dumps(resolved, indent=2, default=str), encoding="utf-8")
+    if main:
+        _write_run_files(run_dir, spec_text, to_json(graph, plan), resolved)
 
     registry = default_registry()
     trainer = Trainer(program, plan, registry, config, device=options.device, seed=options.seed)
     trainer.setup()
+    if not main:
+        return _follow(trainer, run_dir, config, options)
+    return _lead(trainer, program, run_dir, metrics_path, config, track, resolved, options)
+
+
+def _write_run_files(run_dir: Path, spec_text: str, graph_json: str, resolved: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.shape").write_text(spec_text, encoding="utf-8")
+    (run_dir / "graph.json").write_text(graph_json, encoding="utf-8")
+    (run_dir / "resolved.json").write_text(json.dumps(resolved, indent=2, default=str), encoding="utf-8")
+
+
+def _follow(trainer, run_dir: Path, config, options: RunOptions) -> dict[str, Any]:
+    """A process other than the first: the same steps (its share of each batch), nothing written."""
+    start_step = 0
+    if options.resume:
+        ckpts = checkpoint_dirs(run_dir)
+        if ckpts:
+            state = load_checkpoint(ckpts[-1])
+            trainer.load_state_dict(state)
+            start_step = state["step"]
+    for step in range(start_step, config.steps):
+        trainer.train_step(step)
+    return {"run_dir": str(run_dir), "rank": trainer.rank, "last_step": trainer.step_index}
+
+
+def _lead(trainer, program: Program, run_dir: Path, metrics_path: Path, config, track, resolved,
+          options: RunOptions) -> dict[str, Any]:
+    from shapeflow.runtime.plots import write_plots
+    from shapeflow.runtime.tracking import flatten_params, make_tracker
 
     state_file = run_dir / "run.json"
     run_state = json.loads(state_file.read_text()) if state_file.is_file() else {}

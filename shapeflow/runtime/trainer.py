@@ -28,6 +28,7 @@ from shapeflow.runtime.engine import ENGINES, token_logprobs, token_needs, token
 from shapeflow.runtime.models import Critic, Policy
 from shapeflow.runtime.executor import downstream_of, new_states, run_nodes
 from shapeflow.runtime.sampler import PromptSampler
+from shapeflow.stdlib.functional import aggregation_scope
 from shapeflow.stdlib.registry import Registry
 
 
@@ -52,6 +53,8 @@ class StepContext:
     micro_rows: list["torch.Tensor"] = field(default_factory=list)  # epoch-0 micro-batches, in update order
     node_id: str | None = None  # the node being run (set by the executor)
     metrics: dict[str, float] = field(default_factory=dict)  # what stages report for this step
+    draws: int = 0  # prompt draws so far this step (dynamic sampling draws again)
+    seeds: list[int] = field(default_factory=list)  # one sampling seed per prompt of the last draw
 
     def log(self, key: str, value: float) -> None:
         """Report a number for this step: it appears as ``rollout/<binding>/<key>``."""
@@ -65,8 +68,19 @@ class StepContext:
         return self.trainer.regenerate(self)
 
     def next_prompts(self, dataset) -> list[Any]:
-        sampler = self.trainer.sampler_for(dataset)
-        return [dataset[i] for i in sampler.next(self.trainer.config.prompts_per_step)]
+        """This process's share of the step's prompts (all of them with one process). Every
+        process draws the same prompts; each prompt gets a sampling seed from the run's seed,
+        the step, the draw and its position, so its responses do not depend on how the prompts
+        are split between processes."""
+        trainer = self.trainer
+        sampler = trainer.sampler_for(dataset)
+        total = trainer.config.prompts_per_step
+        chosen = sampler.next(total)
+        seeds = [_seed_for(trainer.seed, self.step, self.draws, i) for i in range(total)]
+        self.draws += 1
+        lo, hi = trainer.rank * total // trainer.world, (trainer.rank + 1) * total // trainer.world
+        self.seeds = seeds[lo:hi]
+        return [dataset[i] for i in chosen[lo:hi]]
 
     def engine(self, name: str, policy):
         return self.trainer.engine(name, policy)
@@ -76,7 +90,9 @@ class StepContext:
         return need in self.trainer.program.needs
 
     def complete(self, batch: RolloutBatch, policy, *, temperature: float) -> RolloutBatch:
-        return self.trainer.complete(batch, policy, temperature=temperature, micro_rows=self.micro_rows)
+        batch = self.trainer.complete(batch, policy, temperature=temperature,
+                                      micro_rows=self.micro_rows if self.trainer.world == 1 else [])
+        return self.trainer.gather(batch)
 
 
 def summarize(value: Any, mask: "torch.Tensor | None") -> dict[str, float]:
@@ -133,6 +149,10 @@ class Trainer:
             precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
         self.accelerator = Accelerator(cpu=not use_cuda, mixed_precision=precision)
         self.device = self.accelerator.device
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        if self.config.prompts_per_step % self.world:
+            raise RunError(f"train.prompts_per_step = {self.config.prompts_per_step} does not split evenly over "
+                           f"{self.world} processes")
         run_nodes(self.program, self.plan.phases["setup"], self.values, self.registry)
         models = [n for n in self.plan.phases["setup"] if self.program.nodes[n].type.base == "Model"]
         policies = [n for n in models if isinstance(self.values[n], Policy)]
@@ -183,6 +203,7 @@ class Trainer:
             and not {"entropy", "hidden_states"} & set(self.program.needs)
             and not self.token_extras
             and "values" not in self.program.needs
+            and self.world == 1  # with several processes each computes its own rows: the pass runs before the gather
         )
 
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -226,6 +247,49 @@ class Trainer:
         if key not in self.engines:
             self.engines[key] = ENGINES[name](policy, self.device)
         return self.engines[key]
+
+    def gather(self, batch: RolloutBatch) -> RolloutBatch:
+        """Every process's rollouts, in process order, as one batch on every process (one
+        process: the batch itself). The rest of the rollout phase then runs on the whole
+        batch everywhere, so groups, batch statistics and advantages are those of one process."""
+        if self.world == 1:
+            return batch
+        import torch.distributed as dist
+
+        from shapeflow.runtime.batch import concat_batches
+
+        task, batch.task = batch.task, None  # the same on every process; not sent
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, batch.to("cpu"))
+        batch.task = task
+        out = concat_batches(parts).to(self.device)
+        out.task = task
+        return out
+
+    @staticmethod
+    def _aggregation_scope(batch: RolloutBatch, minibatch: list["torch.Tensor"]) -> tuple[float, float, float]:
+        """(valid tokens, non-empty responses, responses) of a whole minibatch."""
+        lengths = batch.mask[torch.cat(minibatch).to(batch.mask.device)].sum(-1)
+        return float(lengths.sum()), float((lengths > 0).sum()), float(lengths.numel())
+
+    def _sum_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1 or not values:
+            return values
+        import torch.distributed as dist
+
+        keys = sorted(values)
+        total = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(total)
+        return dict(zip(keys, total.tolist()))
+
+    def _my_rows(self, minibatch: list["torch.Tensor"]) -> list["torch.Tensor"]:
+        """This process's micro-batches of a minibatch: its contiguous share of the minibatch's
+        rows, split into grad_accum micro-batches (all of it with one process)."""
+        if self.world == 1:
+            return minibatch
+        rows = torch.cat(minibatch)
+        mine = rows.tensor_split(self.world)[self.rank]
+        return [r for r in mine.tensor_split(self.config.grad_accum) if r.numel()]
 
     def _weights_changed(self) -> None:
         """After every optimizer step: engines that keep a copy of the weights (vLLM) get the new
@@ -392,6 +456,11 @@ class Trainer:
             self.critic_model.train()
         for epoch in range(cfg.ppo_epochs):
             for mb_index, minibatch in enumerate(self.micro_batches(batch.size, step, epoch)):
+                # every aggregate divides by the whole minibatch's counts (all micro-batches, all
+                # processes): the shares below add up to the minibatch's loss exactly
+                scope = self._aggregation_scope(batch, minibatch)
+                minibatch = self._my_rows(minibatch)
+                shares: dict[str, float] = {}
                 for rows in minibatch:
                     rows = rows.to(batch.mask.device)
                     mb = batch.select(rows)
@@ -415,16 +484,19 @@ class Trainer:
                             if self.behaviour_from_update:
                                 v.logprobs = mb.logprobs
                             v.extra.update(current)
-                    run_nodes(program, update_nodes, mb_values, self.registry, mb.mask, states=self.stage_states)
+                    with aggregation_scope(*scope):
+                        run_nodes(program, update_nodes, mb_values, self.registry, mb.mask, states=self.stage_states)
                     loss = mb_values[self.plan.objective]
                     if not torch.isfinite(loss):
                         raise RunError(f"step {step}: the objective is {float(loss)}; stopping before it "
                                        "corrupts the weights (the last checkpoint is intact)")
-                    self.accelerator.backward(loss / len(minibatch))
+                    self.accelerator.backward(loss * self.world)  # DDP averages over processes; we want the sum
                     for n in update_nodes:
                         v = mb_values[n]
                         if torch.is_tensor(v) and v.dim() == 0:
-                            losses.setdefault(n, []).append(float(v.detach()))
+                            shares[n] = shares.get(n, 0.0) + float(v.detach())
+                for n, total in self._sum_over_processes(shares).items():
+                    losses.setdefault(n, []).append(total)
                     with torch.no_grad():
                         delta = (mb.logprobs - stats.logprobs.detach()) * mb.mask  # old − new
                         tokens = mb.mask.sum().clamp(min=1)

@@ -23,11 +23,9 @@ from pydantic import Field
 from shapeflow._lazy import torch
 from shapeflow.stdlib.functional import (
     discounted_returns,
-    group_all_equal,
-    group_count,
     group_loo_std,
-    group_mean_std,
-    group_min_max,
+    group_stats,
+    group_std,
     group_sum,
     masked_whiten,
     masked_whiten_rows,
@@ -49,36 +47,40 @@ def _group_relative(rewards, groups, *, norm_by_std, eps, std, scope, baseline):
     index, num_groups = groups.group_index, groups.num_groups
     r = rewards.to(torch.float32)  # (B,)
     unbiased = std == "sample"
-    mean, sigma, count = group_mean_std(r, index, num_groups, unbiased=unbiased)
-    n = count[index]  # (B,)
-    singleton = n == 1
-    # all-equal groups are found exactly (min == max): a rounded mean can leave r − μ a few ulps
-    # off zero, which σ + eps (σ ≈ 0) would blow up instead of giving A = 0
-    flat = group_all_equal(r, index, num_groups)[index]  # (B,)
-    zero = torch.zeros_like(r)
+    stats = group_stats(r, index, num_groups)
     if baseline == "leave_one_out":
-        # r − mean(others) = n/(n−1)·(r − μ); NeMo-RL sets a one-response group's baseline to
-        # its own reward, so A = 0 there
-        centred = torch.where(singleton, zero, (r - mean[index]) * n / (n - 1).clamp(min=1))
+        return _leave_one_out(r, index, stats, norm_by_std=norm_by_std, eps=eps, unbiased=unbiased, scope=scope)
+    # all-equal groups are found exactly (min == max): a rounded mean can leave r − μ a few ulps
+    # off zero, which σ + eps (σ ≈ 0) would blow up instead of giving A = 0; so the centre of a
+    # flat group is its common value, and its scale 0 (exactly 0 even with eps = 0)
+    centre = stats.centre()  # (G,): μ_g, 0 for a singleton (verl)
+    if not norm_by_std:
+        return r - centre[index]
+    if scope == "batch":
+        sigma = (r.std(correction=int(unbiased)) if r.numel() > 1 else r.new_ones(())).expand(num_groups)
     else:
-        centred = torch.where(singleton, r, r - mean[index])
-    centred = torch.where(flat, zero, centred)  # (B,)
+        sigma = group_std(r, index, num_groups, stats.mean, stats.count, unbiased=unbiased)  # (G,)
+    scale = torch.where(stats.flat, 0.0, 1.0 / (torch.where(stats.one, 1.0, sigma) + eps))  # a singleton: σ = 1
+    return (r - centre[index]) * scale[index]
+
+
+def _leave_one_out(r, index, stats, *, norm_by_std, eps, unbiased, scope):
+    """grpo's leave-one-out baseline (NeMo-RL): b_i the mean of the others, σ_i their std."""
+    n = stats.count[index]  # (B,)
+    flat = stats.flat[index]
+    # r − mean(others) = n/(n−1)·(r − μ); NeMo-RL sets a one-response group's baseline to its
+    # own reward, so A = 0 there
+    centred = torch.where(n == 1, 0.0, (r - stats.mean[index]) * n / (n - 1).clamp(min=1))
+    centred = torch.where(flat, 0.0, centred)  # (B,)
     if not norm_by_std:
         return centred
     if scope == "batch":
-        batch_sigma = r.std(correction=int(unbiased)) if r.numel() > 1 else r.new_ones(())
-        sigma_i = batch_sigma.expand_as(r)
-    elif baseline == "leave_one_out":
-        sigma_i = group_loo_std(r, index, num_groups, unbiased=unbiased)
+        sigma_i = (r.std(correction=int(unbiased)) if r.numel() > 1 else r.new_ones(())).expand_as(r)
     else:
-        sigma_i = sigma[index]
-    if baseline == "leave_one_out":
-        # NeMo-RL: divide only where the std is positive; elsewhere keep r − b
-        out = torch.where(sigma_i > 0, centred / (sigma_i + eps), centred)
-    else:
-        sigma_i = torch.where(singleton, torch.ones_like(sigma_i), sigma_i)
-        out = centred / (sigma_i + eps)
-    return torch.where(flat, zero, out)
+        sigma_i = group_loo_std(r, index, stats.count.numel(), unbiased=unbiased)
+    # NeMo-RL: divide only where the std is positive; elsewhere keep r − b
+    out = torch.where(sigma_i > 0, centred / (sigma_i + eps), centred)
+    return torch.where(flat, 0.0, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def batch_whiten(values, groups, *, eps, std, eps_at):
     0.2425, −0.5780, 1.4449, −1.1559, 0.2890].
     """
     x = values.to(torch.float32)
-    mask = groups.mask if x.dim() == 2 else torch.ones_like(x)
+    mask = groups.mask if x.dim() == 2 else None  # a sequence signal: every response counts
     return masked_whiten(x, mask, eps=eps, unbiased=std == "sample", eps_at=eps_at)
 
 
@@ -272,15 +274,15 @@ def rloo(rewards, groups, *, singleton):
 
     Example: group [0.2, 0.9, 0, 0.5] (μ = 0.4, n/(n−1) = 4/3) → [−0.267, 0.667, −0.533, 0.133].
     """
-    index, num_groups = groups.group_index, groups.num_groups
+    index = groups.group_index
     r = rewards.to(torch.float32)
-    mean, _, count = group_mean_std(r, index, num_groups, unbiased=False)
-    n = count[index]
-    zero = torch.zeros_like(r)
-    loo = (r - mean[index]) * n / (n - 1).clamp(min=1)
-    one = r if singleton == "keep" else zero
-    out = torch.where(n == 1, one, loo)
-    return torch.where(group_all_equal(r, index, num_groups)[index], zero, out)
+    stats = group_stats(r, index, groups.num_groups)
+    # r − centre is r − μ_g (a singleton: r; a flat group: exactly 0), scaled by n/(n − 1)
+    factor = torch.where(stats.one, 1.0 if singleton == "keep" else 0.0, stats.count / (stats.count - 1))
+    out = (r - stats.centre()[index]) * factor[index]
+    if singleton == "zero":  # 0 whatever the reward holds
+        out = torch.where(stats.one[index], 0.0, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,10 +317,7 @@ def opo(rewards, groups):
     lengths = groups.mask.sum(-1).to(torch.float32)  # (B,)
     den = group_sum(lengths, index, num_groups)
     base = group_sum(lengths * r, index, num_groups) / den.clamp(min=1)  # (G,); lengths are whole numbers
-    n = group_count(index, num_groups, r.dtype)[index]
-    zero = torch.zeros_like(r)
-    out = r - torch.where(n == 1, zero, base[index])
-    return torch.where(group_all_equal(r, index, num_groups)[index], zero, out)
+    return r - group_stats(r, index, num_groups).centre(base)[index]  # singleton: b = 0; flat group: 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,17 +363,12 @@ def gpg(rewards, groups, *, f_norm, alpha):
     non-zero rewards, α = 12/9 = 4/3 → [0.667, −0.667, −0.667, 0.667, 0, 0, 0, 0, −0.267, 0.667,
     −0.533, 0.133].
     """
-    index, num_groups = groups.group_index, groups.num_groups
     r = rewards.to(torch.float32)
-    mean, _, count = group_mean_std(r, index, num_groups, unbiased=False)
-    zero = torch.zeros_like(r)
-    centred = torch.where(count[index] == 1, r, r - mean[index])
-    centred = torch.where(group_all_equal(r, index, num_groups)[index], zero, centred)
+    centred = r - group_stats(r, groups.group_index, groups.num_groups).centre()[groups.group_index]
     if alpha == "none":
         return centred / f_norm
-    counted = r != 0 if alpha == "nonzero_reward" else centred != 0
-    a = r.new_tensor(float(r.numel())) / counted.sum().to(r.dtype).clamp(min=1)
-    return a * centred / f_norm
+    m = torch.count_nonzero(r if alpha == "nonzero_reward" else centred)
+    return (r.numel() / f_norm) / m.clamp(min=1).to(r.dtype) * centred  # α / F_norm, then one product
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,26 +412,25 @@ def grpo_passk(rewards, groups, *, norm_by_std, eps, std):
     """
     index, num_groups = groups.group_index, groups.num_groups
     r = rewards.to(torch.float32)
-    mean, sigma, count = group_mean_std(r, index, num_groups, unbiased=std == "sample")
-    small = (count < 2).nonzero()
-    if small.numel():
-        g = int(small[0])
+    stats = group_stats(r, index, num_groups)
+    if bool((stats.count < 2).any()):
+        g = int((stats.count < 2).nonzero()[0])
         raise ValueError(
-            f"pass@k needs at least 2 responses per group; group {g} has {int(count[g])} "
+            f"pass@k needs at least 2 responses per group; group {g} has {int(stats.count[g])} "
             f"(sample n ≥ 2 responses per prompt)"
         )
-    lo, hi = group_min_max(r, index, num_groups)
-    pos = torch.arange(r.numel(), device=r.device)
-    first = torch.full((num_groups,), r.numel(), dtype=pos.dtype, device=r.device)
-    first = first.scatter_reduce(0, index, torch.where(r == hi[index], pos, r.numel()), "amin", include_self=True)
-    star = pos == first[index]  # (B,) one response per group
-    ninf = torch.full_like(r, -float("inf"))
+    B = r.numel()
+    pos = torch.arange(B, device=r.device)
+    # i* of each group (G,): the first response, in batch order, with the group's largest reward
+    star = torch.full((num_groups,), B, dtype=pos.dtype, device=r.device)
+    star = star.scatter_reduce_(0, index, torch.where(r == stats.hi[index], pos, B), "amin")
     second = torch.full((num_groups,), -float("inf"), dtype=r.dtype, device=r.device)
-    second = second.scatter_reduce(0, index, torch.where(star, ninf, r), "amax", include_self=True)
-    gap = hi - second  # (G,), ≥ 0
+    second = second.scatter_reduce_(0, index, r.index_fill(0, star, -float("inf")), "amax")  # i* left out
+    gap = stats.hi - second  # (G,), ≥ 0
     if norm_by_std:
-        gap = torch.where(gap == 0, torch.zeros_like(gap), gap / (sigma + eps))
-    return torch.where(star, gap[index], torch.zeros_like(r))
+        sigma = group_std(r, index, num_groups, stats.mean, stats.count, unbiased=std == "sample")
+        gap = torch.where(gap == 0, 0.0, gap / (sigma + eps))
+    return torch.zeros_like(r).index_copy_(0, star, gap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,16 +477,14 @@ def maxrl(rewards, groups, *, eps, singleton):
     Example: group [1, 0, 0, 0] (p̂ = 1/4) → [3.000, −1.000, −1.000, −1.000] (up to eps);
     [1, 0, 0, 1] → [1.000, −1.000, −1.000, 1.000]; [1, 1, 1, 1] and [0, 0, 0, 0] → 0.
     """
-    index, num_groups = groups.group_index, groups.num_groups
+    index = groups.group_index
     r = rewards.to(torch.float32)
-    mean, _, count = group_mean_std(r, index, num_groups, unbiased=False)
-    n = count[index]
-    zero = torch.zeros_like(r)
-    mu = torch.where(n == 1, zero, mean[index])
-    centred = torch.where(group_all_equal(r, index, num_groups)[index], zero, r - mu)
-    out = torch.where(centred == 0, zero, centred / (mu + eps))
+    stats = group_stats(r, index, groups.num_groups)
+    mu = torch.where(stats.one, 0.0, stats.mean)  # (G,), 0 for a singleton (the code's group mean)
+    centred = r - torch.where(stats.flat, stats.hi, mu)[index]  # exactly 0 on a flat group
+    out = torch.where(centred == 0, 0.0, centred / (mu + eps)[index])
     if singleton == "zero":
-        out = torch.where(n == 1, zero, out)
+        out = torch.where(stats.one[index], 0.0, out)
     return out
 
 
@@ -542,18 +533,21 @@ def reinforce_pp(rewards, groups, *, gamma, eps, std):
     γ = 1: μ = 0.6333, σ² = 0.19324 → every token of row 0 gets 0.834, of row 1 −1.441.
     """
     mask = groups.mask
-    unbiased = std == "sample"
-    if rewards.dim() == 1 and no_holes(mask):  # outcome reward, responses without masked spans
-        r = rewards.to(torch.float32)
+    lengths = mask.sum(-1)  # (B,)
+    whiten = dict(eps=eps, unbiased=std == "sample", eps_at="var")
+    r = rewards.to(torch.float32)
+    prefix = no_holes(mask, lengths)  # no response has a masked span
+    if r.dim() == 1 and prefix:  # outcome reward on the last of L_i tokens: G_t = r_i γ^(L_i − 1 − t)
         if gamma == 1.0:  # G = r_i on every token: whiten B numbers, not B × T
-            return masked_whiten_rows(r, mask, eps=eps, unbiased=unbiased, eps_at="var")
-        t = torch.arange(mask.shape[-1], device=mask.device)
-        steps_left = (mask.sum(-1, keepdim=True) - 1 - t).clamp(min=0)  # L_i − 1 − t
-        returns = r[:, None] * torch.pow(torch.tensor(gamma, dtype=r.dtype, device=r.device), steps_left)  # G_t = r γ^(L−1−t)
-        return masked_whiten(returns, mask, eps=eps, unbiased=unbiased, eps_at="var")
-    tok = place_at_last_token(rewards.to(torch.float32), mask)  # (B, T)
-    returns = discounted_returns(tok, mask, gamma)
-    return masked_whiten(returns, mask, eps=eps, unbiased=unbiased, eps_at="var")
+            return masked_whiten_rows(r, mask, lengths=lengths, **whiten)
+        t = torch.arange(mask.shape[-1], device=mask.device, dtype=lengths.dtype)
+        steps_left = (lengths[:, None] - 1 - t).clamp(min=0)  # L_i − 1 − t; 0 on padding, where γ^−k may overflow
+        returns = r[:, None] * torch.pow(torch.tensor(gamma, dtype=r.dtype, device=r.device), steps_left)
+        return masked_whiten(returns, mask, padding="finite", **whiten)
+    tok = place_at_last_token(r, mask)  # (B, T), 0 on padding
+    returns = discounted_returns(tok, mask, gamma, prefix=prefix)
+    # with prefix masks and γ = 1 the returns are 0 on padding (a reverse sum of zeros)
+    return masked_whiten(returns, mask, padding="zero" if prefix and gamma == 1.0 else "finite", **whiten)
 
 
 class ReinforcePPBaselineParams(StageParams):
@@ -591,15 +585,12 @@ def reinforce_pp_baseline(rewards, groups, *, eps, std):
     tokens are 0.5 × 12, −0.5 × 9, 0 × 6: μ = 0.05556, σ² = 0.19872 → every token of row 0
     gets 0.9970, of row 1 −1.2463, of the all-equal group −0.1246.
     """
-    index, num_groups = groups.group_index, groups.num_groups
+    index = groups.group_index
     mask = groups.mask
     r = rewards.to(torch.float32)
     if r.dim() == 2:
-        r = torch.where(mask > 0, r, torch.zeros_like(r)).sum(-1)
-    mean, _, count = group_mean_std(r, index, num_groups, unbiased=False)
-    zero = torch.zeros_like(r)
-    centred = torch.where(count[index] == 1, r, r - mean[index])
-    centred = torch.where(group_all_equal(r, index, num_groups)[index], zero, centred)
+        r = torch.where(mask > 0, r, 0.0).sum(-1)  # padding may hold NaN
+    centred = r - group_stats(r, index, groups.num_groups).centre()[index]  # singleton: μ = 0; flat group: 0
     return masked_whiten_rows(centred, mask, eps=eps, unbiased=std == "sample", eps_at="var")
 
 
@@ -626,9 +617,9 @@ def remax(rewards, groups):
     mask = groups.mask  # (B, T)
     baseline = torch.as_tensor(groups.need("greedy_baseline"), dtype=torch.float32, device=mask.device)  # (B,)
     if rewards.dim() == 1:  # an outcome reward sits on the last token: G_t = r_i on every token
-        row = (rewards.to(torch.float32) - baseline)
-        row = torch.where(mask.sum(-1) > 0, row, torch.zeros_like(row))  # an empty row stays 0, even if NaN
+        row = rewards.to(torch.float32) - baseline
+        row = torch.where(mask.sum(-1) > 0, row, 0.0)  # an empty row stays 0, even if NaN
         return row[:, None] * mask
-    token_rewards = torch.where(mask > 0, rewards.to(torch.float32), torch.zeros_like(mask))  # (B, T)
-    returns = torch.flip(torch.cumsum(torch.flip(token_rewards, [-1]), -1), [-1])
+    token_rewards = torch.where(mask > 0, rewards.to(torch.float32), 0.0)  # (B, T), padding may hold NaN
+    returns = token_rewards.flip(-1).cumsum(-1).flip(-1)
     return (returns - baseline[:, None]) * mask

@@ -16,7 +16,16 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from shapeflow._lazy import torch
-from shapeflow.stdlib.functional import aggregate, to_tokens
+from shapeflow.stdlib.functional import (
+    LazyTerms,
+    advantage_weight,
+    aggregate,
+    clamp_by_sign,
+    masked,
+    reduce_rows,
+    row_mean,
+    topk_indices,
+)
 from shapeflow.stdlib.params import Aggregation
 from shapeflow.stdlib.registry import StageParams, stage
 
@@ -72,24 +81,22 @@ def ppo_clip(advantages, groups, *, eps_low, eps_high, clip_c, agg, loss_scale_f
     Example: A = 1, log-ratio log 1.5 with eps 0.2 gives ℓ = −1.2 (clipped above);
     A = −1, ratio 5 gives min(5, 3) = 3 (dual clip).
     """
-    mask = groups.mask  # (B, T)
+    mask, valid, lengths = _mask_parts(groups)
     # zero the log-ratio on padding first: a NaN/inf log-prob there then gives neither a NaN loss
     # nor a NaN gradient, without relying on clamp's backward dropping NaN inputs
-    log_ratio = to_tokens(groups.need("policy_logprobs") - groups.need("logprobs"), mask)  # (B, T)
-    # The max/min form above equals one clamp of the log-ratio with bounds set by the sign of A
-    # (same value, same gradient, a fraction of the cost of maximum/minimum's backward):
+    log_ratio = _log_ratio(groups, valid)  # (B, T)
+    adv = advantage_weight(advantages, valid, lengths, log_ratio.dtype)  # (B, 1) or (B, T)
+    # The max/min form above is one clamp of the log-ratio with bounds set by the sign of A
+    # (same value, same gradient):
     #   A > 0: ρ ≤ 1 + eps_high      A < 0: 1 − eps_low ≤ ρ (≤ c with the dual clip)
-    if advantages.dim() == 1:  # one value per response: bounds per row, (B, 1)
-        has_tokens = mask.sum(-1) > 0
-        adv = torch.where(has_tokens, advantages, torch.zeros_like(advantages))[:, None].to(log_ratio.dtype)
-    else:
-        adv = to_tokens(advantages, mask)  # (B, T), zero on padding (which may hold NaN/inf)
-    upper_neg = math.log(clip_c) if clip_c is not None else 20.0
-    const = lambda value: torch.full_like(adv, value)  # noqa: E731 - bounds shaped and typed like A
-    lo = torch.where(adv < 0, const(math.log(1.0 - eps_low)), const(-20.0))
-    hi = torch.where(adv > 0, const(min(math.log1p(eps_high), 20.0)), const(upper_neg))
-    loss = -adv * torch.exp(torch.clamp(log_ratio, lo, hi))  # finite: padding's log-ratio and A are 0
-    return aggregate(loss, mask, agg, loss_scale_factor, finite=True)
+    log_ratio = clamp_by_sign(
+        log_ratio, adv,
+        negative=(math.log(1.0 - eps_low), math.log(clip_c) if clip_c is not None else 20.0),
+        positive=(-20.0, min(math.log1p(eps_high), 20.0)),
+    )
+    # exp(0) = 1 on padding: finite, so the mask's product excludes it
+    return aggregate(torch.exp(log_ratio), mask, agg, loss_scale_factor, weight=-adv, padding="finite",
+                     lengths=lengths)
 
 
 class KlParams(AggregationParams):
@@ -107,11 +114,15 @@ def kl_estimate(logp: "torch.Tensor", ref_logp: "torch.Tensor", estimator: str) 
     ``estimator`` ending in "+" (k1+, k3+, abs+) is straight-through: the forward value of the
     named estimator, the backward of k2 (k2 − sg(k2) + sg(k)), as verl's ``kl_penalty`` documents.
     """
+    return kl_of_delta(logp - ref_logp, estimator)
+
+
+def kl_of_delta(delta: "torch.Tensor", estimator: str) -> "torch.Tensor":
+    """``kl_estimate`` from Δ = log π_θ − log π_ref. Every estimator is exactly 0 where Δ = 0."""
     if estimator.endswith("+"):
-        value = kl_estimate(logp, ref_logp, estimator[:-1]).detach()
-        k2 = 0.5 * (logp - ref_logp).square()
+        value = kl_of_delta(delta, estimator[:-1]).detach()
+        k2 = 0.5 * delta.square()
         return k2 - k2.detach() + value
-    delta = logp - ref_logp
     if estimator == "k1":
         return delta
     if estimator == "abs":
@@ -152,22 +163,30 @@ def kl(groups, *, estimator, agg, loss_scale_factor):
     its gradient ∂k/∂log π_θ is 1 (k1), 0.5 (k2), 1 (abs), 1 − exp(−0.5) = 0.39347 (k3), and 0.5
     (k2's) for each of k1+, k3+, abs+, whose values stay 0.5, 0.10653, 0.5.
     """
-    mask = groups.mask
-    logp = to_tokens(groups.need("policy_logprobs"), mask)  # padding zeroed: no NaN value or gradient
-    k = kl_estimate(logp, to_tokens(groups.need("ref_logprobs"), mask), estimator)
-    return aggregate(k, mask, agg, loss_scale_factor)
+    mask, valid, lengths = _mask_parts(groups)
+    # padding zeroed first (no NaN value or gradient); every estimator is then 0 there
+    delta = masked(groups.need("policy_logprobs") - groups.need("ref_logprobs"), valid)
+    return aggregate(kl_of_delta(delta, estimator), mask, agg, loss_scale_factor, padding="zero", lengths=lengths)
 
 
 # --- shared pieces ----------------------------------------------------------------------------
 
 
-def _token_inputs(advantages, groups, *, old: bool = True):
-    """(mask, A, log π_θ, log π_old) as (B, T) tensors, every one zero on padding."""
+def _mask_parts(groups):
+    """(mask, valid, lengths): the (B, T) mask, ``mask > 0`` (for ``where``) and the row lengths (B,)."""
     mask = groups.mask
-    adv = to_tokens(advantages, mask)
-    logp = to_tokens(groups.need("policy_logprobs"), mask)
-    old_logp = to_tokens(groups.need("logprobs"), mask) if old else None
-    return mask, adv, logp, old_logp
+    return mask, mask > 0, mask.sum(-1)
+
+
+def _valid_mean(adv, lengths, n):
+    """Σ A over the valid tokens / n, for an advantage from ``advantage_weight`` (0 on padding)."""
+    return (adv[:, 0] * lengths if adv.shape[-1] == 1 else adv).sum() / n
+
+
+def _log_ratio(groups, valid):
+    """log π_θ − log π_old (B, T), 0 on padding (NaN or inf there included): the one ``where`` a
+    ratio loss needs."""
+    return masked(groups.need("policy_logprobs") - groups.need("logprobs"), valid)
 
 
 class FixedAggregationParams(StageParams):
@@ -245,38 +264,23 @@ def gspo(advantages, groups, *, eps_low, eps_high, agg):
     L = −0.904837, ∂L/∂log π_θ,t = −A s / |y| = −0.452419 per token. With A = −1 the clip
     binds: ℓ = 0.9997 and the gradient is 0.
     """
+    mask, valid, lengths = _mask_parts(groups)
+    log_ratio = _log_ratio(groups, valid)  # (B, T)
+    adv = advantage_weight(advantages, valid, lengths, log_ratio.dtype)  # (B, 1) or (B, T)
+    seq_log_ratio = log_ratio.sum(-1) / lengths.clamp(min=1)  # (B,); padding is already 0
+    bounds = dict(negative=(1.0 - eps_low, math.inf), positive=(-math.inf, 1.0 + eps_high))  # max(−A s, −A clip(s))
     if advantages.dim() == 1:
-        return _gspo_rows(advantages, groups, eps_low, eps_high)
-    mask, adv, logp, old = _token_inputs(advantages, groups)
-    lengths = mask.sum(-1).clamp(min=1)  # (B,)
-    seq_log_ratio = (logp - old).sum(-1) / lengths  # (B,); padding is already 0
-    log_s = (logp - logp.detach() + seq_log_ratio.detach()[:, None]).clamp(max=10.0)  # (B, T)
-    s = torch.exp(log_s)
-    loss = torch.maximum(-adv * s, -adv * s.clamp(1.0 - eps_low, 1.0 + eps_high))
-    return aggregate(loss, mask, agg)  # agg can only be "seq-mean-token-mean"
-
-
-def _gspo_rows(advantages, groups, eps_low: float, eps_high: float):
-    """GSPO with one advantage per response: every token of a row has the same term, so the row
-    is one term. log s_i = Σ_t m (log π_θ − log π_old) / |y_i| carries the gradient s_i/|y_i|
-    per token, and seq-mean-token-mean weighs the row by |y_i|/(|y_i| + 1e-8): the same value
-    and gradient as the token form, from B numbers instead of B × T."""
-    mask = groups.mask
-    log_ratio = torch.where(mask > 0, groups.need("policy_logprobs") - groups.need("logprobs"),
-                            torch.zeros_like(mask))  # (B, T)
-    n = mask.sum(-1)  # (B,)
-    has = n > 0
-    log_s = (log_ratio.sum(-1) / n.clamp(min=1)).clamp(max=10.0)  # (B,)
-    s = torch.exp(log_s)
-    adv = torch.where(has, advantages, torch.zeros_like(advantages)).to(s.dtype)
-    # max(−A s, −A clip(s)) as one clamp with sign-dependent bounds
-    lo = torch.where(adv < 0, torch.full_like(s, 1.0 - eps_low), torch.zeros_like(s))
-    hi = torch.where(adv > 0, torch.full_like(s, 1.0 + eps_high), torch.full_like(s, float("inf")))
-    term = -adv * torch.clamp(s, lo, hi)  # (B,), the value of every token of the row
-    rows = has.to(s.dtype)
-    out = (term * n / (n + 1e-8) * rows).sum() / rows.sum().clamp(min=1)
-    out.terms = term[:, None] * mask  # per-token terms, for `replay --objective`
-    return out
+        # one advantage per response: every token of a row has the same term −A clip(s_i), so the
+        # row is one term. log s_i carries the gradient s_i/|y_i| per token (as s_i,t does) and
+        # seq-mean-token-mean weighs the row by |y_i|/(|y_i| + 1e-8): B numbers, not B × T
+        s = torch.exp(seq_log_ratio.clamp(max=10.0))[:, None]  # (B, 1)
+        term = -adv * clamp_by_sign(s, adv, **bounds)  # (B, 1)
+        out = reduce_rows(term[:, 0] * lengths, mask, agg, lengths=lengths)
+        out.terms = LazyTerms(lambda: term * mask)  # per-token terms, for `replay --objective`
+        return out
+    log_s = (log_ratio - log_ratio.detach() + seq_log_ratio.detach()[:, None]).clamp(max=10.0)  # (B, T)
+    s = clamp_by_sign(torch.exp(log_s), adv, **bounds)  # finite on padding, where A is 0
+    return aggregate(s, mask, agg, weight=-adv, padding="finite", lengths=lengths)  # agg is "seq-mean-token-mean"
 
 
 # --- SAPO -------------------------------------------------------------------------------------
@@ -325,11 +329,14 @@ def sapo(advantages, groups, *, tau_pos, tau_neg, agg, loss_scale_factor):
     ∂ℓ/∂log π_θ = −4 · 0.622459 · 0.377541 · 1.5 = −1.410033. A = −1, r = 1.5, τ = 1.05:
     σ(0.525) = 0.628313, f = 2.393585, ℓ = 2.393585.
     """
-    mask, adv, logp, old = _token_inputs(advantages, groups)
-    ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
-    tau = torch.where(adv > 0, torch.full_like(adv, tau_pos), torch.full_like(adv, tau_neg))
-    gate = torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
-    return aggregate(-gate * adv, mask, agg, loss_scale_factor)
+    mask, valid, lengths = _mask_parts(groups)
+    log_ratio = _log_ratio(groups, valid)
+    adv = advantage_weight(advantages, valid, lengths, log_ratio.dtype)  # (B, 1) or (B, T)
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))
+    tau = torch.where(adv > 0, adv.new_tensor(tau_pos), adv.new_tensor(tau_neg))  # shaped like A
+    # ℓ = −f(r) A = σ(τ(r − 1)) · (−4A/τ): the factor −4A/τ goes with A (a column for a sequence A)
+    return aggregate(torch.sigmoid(tau * (ratio - 1.0)), mask, agg, loss_scale_factor, weight=-4.0 * adv / tau,
+                     padding="finite", lengths=lengths)
 
 
 # --- GPG (catalog B8) -------------------------------------------------------------------------
@@ -359,8 +366,10 @@ def gpg(advantages, groups, *, agg, loss_scale_factor):
     Example: A = 2, log π_θ = −0.5 → ℓ = 1.0 and ∂ℓ/∂log π_θ = −2; with a second token
     A = −1, log π_θ = −2 (ℓ = −2), token-mean gives (1 − 2)/2 = −0.5.
     """
-    mask, adv, logp, _ = _token_inputs(advantages, groups, old=False)
-    return aggregate(-adv * logp, mask, agg, loss_scale_factor)
+    mask, valid, lengths = _mask_parts(groups)
+    logp = masked(groups.need("policy_logprobs"), valid)  # padding zeroed: no NaN value or gradient
+    adv = advantage_weight(advantages, valid, lengths, logp.dtype)
+    return aggregate(logp, mask, agg, loss_scale_factor, weight=-adv, padding="zero", lengths=lengths)
 
 
 # --- CISPO (catalog B14) ----------------------------------------------------------------------
@@ -424,13 +433,18 @@ def cispo(advantages, groups, *, cap_mode, eps_low, eps_high, agg, loss_scale_fa
     Example: A = 1, ρ = 1.5, log π_θ = −0.5. symmetric: w = 1.2, ℓ = 0.6, ∂ℓ/∂log π_θ = −1.2;
     absolute_upper (cap 5): w = 1.5, ℓ = 0.75, gradient −1.5; with ρ = 8 the cap gives w = 5.
     """
-    mask, adv, logp, old = _token_inputs(advantages, groups)
-    log_ratio = logp - old
-    if cap_mode == "symmetric":
-        weight = torch.exp(log_ratio.clamp(-20.0, 20.0)).clamp(1.0 - eps_low, 1.0 + eps_high)
-    else:
-        weight = torch.exp(log_ratio).clamp(max=eps_high)
-    return aggregate(-weight.detach() * adv * logp, mask, agg, loss_scale_factor)
+    mask, valid, lengths = _mask_parts(groups)
+    logp = masked(groups.need("policy_logprobs"), valid)  # padding zeroed: no NaN value or gradient
+    adv = advantage_weight(advantages, valid, lengths, logp.dtype)
+    with torch.no_grad():
+        ratio = torch.exp(_log_ratio(groups, valid))
+        if cap_mode == "symmetric":
+            # exp(clamp(log ρ, −20, 20)) is ρ clamped to [e^−20, e^20] (exp is monotone); e^20 lies
+            # above every 1 + eps_high, so one clamp does both
+            weight = ratio.clamp(max(1.0 - eps_low, math.exp(-20.0)), 1.0 + eps_high)
+        else:
+            weight = ratio.clamp(max=eps_high)
+    return aggregate(weight * logp, mask, agg, loss_scale_factor, weight=-adv, padding="zero", lengths=lengths)
 
 
 # --- Clip-Cov and KL-Cov (catalog B15) --------------------------------------------------------
@@ -490,25 +504,28 @@ def clip_cov(advantages, groups, *, eps_low, eps_high, cov_ratio, cov_lb, cov_ub
     the only candidate is (0, 0) (5.5 is not below 5). n = 1, so ℓ = [[0, −2], [2, 2]] and
     token-mean L = 0.5 (plain PPO gives 0); token (0, 0) has gradient 0.
     """
-    mask, adv, logp, old = _token_inputs(advantages, groups)
-    ratio = torch.exp(logp - old)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    mask, valid, lengths = _mask_parts(groups)
+    ratio = torch.exp(_log_ratio(groups, valid))  # 1 on padding
+    adv = advantage_weight(advantages, valid, lengths, ratio.dtype)  # (B, 1) or (B, T)
+    # max(ℓ1, ℓ2) = −A · (ρ clamped on the side the sign of A makes pessimistic)
+    clipped = clamp_by_sign(ratio, adv, negative=(1.0 - eps_low, math.inf), positive=(-math.inf, 1.0 + eps_high),
+                            zero=(-math.inf, math.inf))  # A = 0: never PPO-clipped
     with torch.no_grad():
-        valid = mask > 0
-        m = valid.to(adv.dtype)
-        n_valid = m.sum()
-        lp = logp.detach()
-        cov = (adv - (adv * m).sum() / (n_valid + 1e-8)) * (lp - (lp * m).sum() / (n_valid + 1e-8))
-        candidate = valid & ~(clipped > unclipped) & (cov > cov_lb) & (cov < cov_ub)
+        n_valid = lengths.sum()
+        logp = masked(groups.need("policy_logprobs").detach(), valid)
+        cov = (adv - _valid_mean(adv, lengths, n_valid + 1e-8)) * (logp - logp.sum() / (n_valid + 1e-8))
+        # not PPO-clipped (ℓ2 > ℓ1 is false) is: the pessimistic clamp left ρ as it is
+        candidate = valid & (clipped == ratio) & (cov > cov_lb) & (cov < cov_ub)
         index = torch.nonzero(candidate.reshape(-1)).squeeze(-1)  # row-major, as verl's nonzero
-        keep = torch.ones(mask.numel(), dtype=adv.dtype, device=adv.device)
-        if index.numel() > 0:
-            n = max(int(cov_ratio * n_valid.item()), 1)
-            chosen = index[torch.randperm(index.numel())[:n].to(index.device)]
-            keep = keep.index_fill(0, chosen, 0.0)
-    loss = torch.maximum(unclipped, clipped) * keep.view_as(adv)
-    return aggregate(loss, mask, agg, loss_scale_factor)
+    taken_out = None
+    if index.numel() > 0:
+        n = max(int(cov_ratio * n_valid.item()), 1)
+        chosen = index[torch.randperm(index.numel())[:n].to(index.device)]
+        # the chosen tokens' terms −A·clip(ρ) cancelled by + A·clip(ρ): value 0, gradient exactly 0
+        row, col = torch.div(chosen, mask.shape[-1], rounding_mode="floor"), chosen % mask.shape[-1]
+        taken_out = (chosen, adv.expand_as(clipped)[row, col] * clipped[row, col])
+    return aggregate(clipped, mask, agg, loss_scale_factor, weight=-adv, padding="finite", lengths=lengths,
+                     sparse=taken_out)
 
 
 class KlCovParams(AggregationParams):
@@ -548,21 +565,21 @@ def kl_cov(advantages, groups, *, cov_ratio, kl_coef, agg, loss_scale_factor):
     ℓ = [[−2.210342, −2.210342], [2.210342 + 0.1·0.1, 2.210342]] and token-mean L = 0.0025;
     ∂ℓ/∂log π_θ at (1, 0) is 2ρ + 0.1 = 2.310342.
     """
-    mask, adv, logp, old = _token_inputs(advantages, groups)
-    log_ratio = logp - old
-    plain = -adv * torch.exp(log_ratio)
-    penalised = plain + kl_coef * log_ratio.abs()
-    with torch.no_grad():
-        valid_index = torch.nonzero(mask.reshape(-1) > 0).squeeze(-1)
-        top = torch.zeros(mask.numel(), dtype=torch.bool, device=adv.device)
-        if valid_index.numel() > 0:
-            a = adv.reshape(-1)[valid_index]
-            lp = logp.detach().reshape(-1)[valid_index]
-            cov = (a - a.mean()) * (lp - lp.mean())
-            k = max(1, int(valid_index.numel() * cov_ratio))
-            top[valid_index[torch.topk(cov, k).indices]] = True
-    loss = torch.where(top.view_as(adv), penalised, plain)
-    return aggregate(loss, mask, agg, loss_scale_factor)
+    mask, valid, lengths = _mask_parts(groups)
+    log_ratio = _log_ratio(groups, valid)  # (B, T)
+    adv = advantage_weight(advantages, valid, lengths, log_ratio.dtype)  # (B, 1) or (B, T)
+    penalty = None
+    n_valid = int(lengths.sum(dtype=torch.float64).item())
+    if n_valid > 0:
+        with torch.no_grad():
+            n = lengths.sum()
+            logp = masked(groups.need("policy_logprobs").detach(), valid)
+            cov = (adv - _valid_mean(adv, lengths, n)) * (logp - logp.sum() / n)
+            cov = torch.where(valid, cov, -math.inf)  # padding is never among the top k
+            top = topk_indices(cov.reshape(-1), max(1, int(n_valid * cov_ratio)))
+        penalty = (top, kl_coef * log_ratio.reshape(-1)[top].abs())  # + kl_coef |log ρ| on the top k
+    return aggregate(torch.exp(log_ratio), mask, agg, loss_scale_factor, weight=-adv, padding="finite",
+                     lengths=lengths, sparse=penalty)
 
 
 # --- GMPO (catalog README, corner cases) ------------------------------------------------------
@@ -612,15 +629,19 @@ def gmpo(advantages, groups, *, eps_low, eps_high, agg):
     1.105171, L = −1.105171; ∂L/∂log π_θ = (0, −ρ/2 = −0.552585). With A = −1 and
     Δ = (0.6, −0.6): Δ̃ = (0.6, −0.4), ρ = e^0.1, L = +1.105171.
     """
-    mask, adv, logp, old = _token_inputs(advantages, groups)
-    delta = logp - old
-    sign = torch.sign(adv)
-    pessimistic = sign * torch.minimum(sign * delta, sign * delta.clamp(-eps_low, eps_high))
-    m = (mask > 0).to(adv.dtype)
-    lengths = m.sum(-1) + 1e-8  # (B,)
-    ratio = torch.exp((pessimistic * m).sum(-1) / lengths)
-    seq_adv = (adv * m).sum(-1) / lengths
-    return (-seq_adv * ratio).mean()
+    mask, valid, lengths = _mask_parts(groups)
+    delta = _log_ratio(groups, valid)  # (B, T)
+    adv = advantage_weight(advantages, valid, lengths, delta.dtype)  # (B, 1) or (B, T)
+    # sign(A) · min(sign(A) Δ, sign(A) clamp(Δ)) is one clamp on the pessimistic side: Δ ≤ eps_high
+    # where A > 0, Δ ≥ −eps_low where A < 0 (0 stays 0: padding needs no mask)
+    pessimistic = clamp_by_sign(delta, adv, negative=(-eps_low, math.inf), positive=(-math.inf, eps_high))
+    if adv.shape[-1] != 1:  # a token with A = 0 contributes log-ratio 0 and no gradient
+        pessimistic = torch.where(adv != 0, pessimistic, 0.0)
+    # (with a sequence A, a row with A = 0 has Ā = 0: its term and gradient are 0 whatever its ratio)
+    n = lengths + 1e-8  # (B,)
+    ratio = torch.exp(pessimistic.sum(-1) / n)
+    seq_adv = (adv[:, 0] * lengths if adv.shape[-1] == 1 else adv.sum(-1)) / n
+    return row_mean(-seq_adv * ratio)
 
 
 # --- entropy bonus (catalog B17) --------------------------------------------------------------
@@ -653,5 +674,4 @@ def entropy_bonus(groups, *, agg, loss_scale_factor):
     (1.5 + 0.5)/2 = 1.0; ∂L/∂H = 1/3 per valid token under token-mean.
     """
     mask = groups.mask
-    entropy = to_tokens(groups.need("policy_entropy"), mask)
-    return aggregate(entropy, mask, agg, loss_scale_factor)
+    return aggregate(groups.need("policy_entropy"), mask, agg, loss_scale_factor)  # padding excluded with `where`

@@ -52,7 +52,7 @@ def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, eng
     examples = ctx.next_prompts(prompts)
     batch = ctx.engine(engine, policy).generate(
         examples, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, chat=chat,
-        logprobs=ctx.wants("rollout_logprobs"),
+        logprobs=ctx.wants("rollout_logprobs"), seeds=ctx.seeds,
     )
     batch.task = prompts
     return ctx.complete(batch, policy, temperature=temperature)
