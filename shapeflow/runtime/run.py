@@ -271,15 +271,16 @@ def _lead(trainer, program: Program, run_dir: Path, metrics_path: Path, config, 
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.steps:
                 metrics.update(trainer.evaluate(size=eval_size))
             row = {"step": step, "time": time.time(), **_json_safe(metrics)}
-            _append(metrics_path, row)
+            checkpoint = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+            _append(metrics_path, row, durable=checkpoint)
             if (step + 1) % track.log_every == 0:
                 tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step)
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            if checkpoint:
                 save_checkpoint(run_dir, step + 1, trainer.state_dict())
             progress.update(step, metrics)
         after = trainer.evaluate(size=eval_size, k=4)
         summary["eval_after"] = after
-        _append(metrics_path, {"step": config.steps, **after})
+        _append(metrics_path, {"step": config.steps, **after}, durable=True)
         tracker.log_metrics(after, config.steps)
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -309,11 +310,14 @@ def _lead(trainer, program: Program, run_dir: Path, metrics_path: Path, config, 
     return summary
 
 
-def _append(path: Path, row: dict[str, Any]) -> None:
+def _append(path: Path, row: dict[str, Any], *, durable: bool = False) -> None:
+    """One metrics line. Made durable (fsync) only with a checkpoint: lines after the last
+    checkpoint are dropped by --resume anyway, and an fsync per step costs seconds on a busy disk."""
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
         handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            os.fsync(handle.fileno())
 
 
 class _Recorder:
