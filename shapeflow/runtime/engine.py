@@ -301,4 +301,6 @@ def split_responses(tokens: "Tensor", eos_id: int, pad_id: int) -> tuple["Tensor
     return ids, mask, truncated
 
 
-ENGINES: dict[str, Callable[..., Any]] = {"generate": GenerateEngine}
+from shapeflow.runtime.vllm_engine import VllmEngine  # noqa: E402  (vllm itself is imported on first use)
+
+ENGINES: dict[str, Callable[..., Any]] = {"generate": GenerateEngine, "vllm": VllmEngine}
