@@ -733,3 +733,13 @@ def test_remax_empty_row_is_zero_even_with_a_nan_reward():
     batch = make_batch([0, 0, 1], [[1, 1], [0, 0], [1, 0]], extra={"greedy_baseline": [1.0, 1.0, 0.0]})
     got = call("remax", torch.tensor([0.0, NAN, 2.0]), batch)
     assert got.tolist() == [[-1.0, -1.0], [0.0, 0.0], [2.0, 0.0]]
+
+
+@pytest.mark.parametrize("name", ["grpo", "group_normalize"])
+def test_flat_group_is_zero_with_eps_zero(name):
+    # σ = 0 in a flat group: with eps = 0 its A must stay exactly 0 (never 0 · 1/0); a singleton keeps r
+    rewards = [1.0, 1.0, 1.0, 1.0, 0.0, 0.7]  # the flat group's mean is exact: σ = 0 exactly
+    adv = run(name, rewards, [0, 0, 0, 1, 1, 2], eps=0.0)
+    assert torch.isfinite(adv).all()
+    assert adv[:3].tolist() == [0.0, 0.0, 0.0]
+    close(adv[3:], [0.5 / math.sqrt(0.5), -0.5 / math.sqrt(0.5), 0.7])  # group [1, 0]: μ = 0.5, σ = sqrt(0.5)

@@ -60,8 +60,10 @@ def _group_relative(rewards, groups, *, norm_by_std, eps, std, scope, baseline):
         sigma = (r.std(correction=int(unbiased)) if r.numel() > 1 else r.new_ones(())).expand(num_groups)
     else:
         sigma = group_std(r, index, num_groups, stats.mean, stats.count, unbiased=unbiased)  # (G,)
-    scale = torch.where(stats.flat, 0.0, 1.0 / (torch.where(stats.one, 1.0, sigma) + eps))  # a singleton: σ = 1
-    return (r - centre[index]) * scale[index]
+    denom = torch.where(stats.one, 1.0, sigma) + eps  # (G,); a singleton: σ = 1 (verl)
+    if eps == 0:  # a flat group's r − centre is exactly 0: keep 0/σ from being 0/0 there
+        denom = torch.where(stats.flat, 1.0, denom)
+    return (r - centre[index]) / denom[index]
 
 
 def _leave_one_out(r, index, stats, *, norm_by_std, eps, unbiased, scope):
@@ -481,7 +483,7 @@ def maxrl(rewards, groups, *, eps, singleton):
     r = rewards.to(torch.float32)
     stats = group_stats(r, index, groups.num_groups)
     mu = torch.where(stats.one, 0.0, stats.mean)  # (G,), 0 for a singleton (the code's group mean)
-    centred = r - torch.where(stats.flat, stats.hi, mu)[index]  # exactly 0 on a flat group
+    centred = r - stats.centre(mu)[index]  # exactly 0 on a flat group
     out = torch.where(centred == 0, 0.0, centred / (mu + eps)[index])
     if singleton == "zero":
         out = torch.where(stats.one[index], 0.0, out)

@@ -54,7 +54,8 @@ class GroupStats:
         mean); 0 for a group of one response (verl); for a flat group its common value, so that
         x − centre is exactly 0 there (never a rounding residue of a mean)."""
         base = self.mean if baseline is None else baseline
-        return torch.where(self.flat, self.hi, torch.where(self.one, 0.0, base))
+        # lo == hi: a flat group, or a group of one (whose centre is 0)
+        return torch.where(self.lo == self.hi, torch.where(self.one, 0.0, self.hi), base)
 
 
 def group_stats(x: "Tensor", index: "Tensor", num_groups: int) -> GroupStats:
