@@ -35,6 +35,8 @@ def _spec_files(paths: list[str]) -> tuple[list[Path], list[Path]]:
             files.extend(found)
         elif path.is_file():
             files.append(path)
+            if len(paths) > 1:  # several specs named together: each one's folder is allowed to all
+                roots.append(path.parent)
         else:
             raise UsageError(f"no such file or folder: {p}")
     return files, roots

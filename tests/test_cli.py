@@ -259,3 +259,11 @@ def test_a_stored_check_loads_neither_pydantic_nor_the_stage_library(tmp_path):
     assert first.returncode == second.returncode == 0
     assert "shapeflow.stdlib.registry" in first.stderr  # the first check compiles
     assert "shapeflow.stdlib.registry" not in second.stderr and " pydantic\n" not in second.stderr
+
+
+def test_specs_named_together_may_extend_each_others_folders(capsys, monkeypatch):
+    # what a pre-commit hook does: every changed spec named on one command line
+    monkeypatch.chdir(ROOT)
+    code, out, _ = run(capsys, "check", "specs/combos/par_grpo_n.shape")
+    assert code == 1 and "error[E602]" in out  # alone, the parent's folder is not allowed
+    assert run(capsys, "check", "specs/par.shape", "specs/combos/par_grpo_n.shape")[:2] == (0, "")
