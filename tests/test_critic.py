@@ -246,3 +246,76 @@ def test_optimal_token_baseline_matches_verls_loop_on_random_batches():
             want = ref_otb(returns, energy, mask, groups, zero_tail)
             for g_row, w_row in zip(got, want):
                 assert g_row == pytest.approx(w_row, abs=2e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# properties (hypothesis): finite, zero on padding, rows permuted with the batch
+# --------------------------------------------------------------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPS = settings(derandomize=True, max_examples=40, deadline=None, database=None)
+
+
+@st.composite
+def token_batches(draw):
+    sizes = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+    groups = [g for g, n in enumerate(sizes) for _ in range(n)]
+    T = draw(st.integers(1, 6))
+    lengths = [draw(st.integers(0, T)) for _ in groups]
+    floats = st.floats(-3, 3, allow_nan=False, allow_subnormal=False, width=32)
+    rewards = [draw(floats) for _ in groups]
+    values = [[draw(floats) for _ in range(T)] for _ in groups]
+    probs = [[draw(st.floats(0.015625, 1.0, allow_subnormal=False, width=32)) for _ in range(T)] for _ in groups]
+    perm = draw(st.permutations(range(len(groups))))
+    return groups, lengths, T, rewards, values, probs, list(perm)
+
+
+def _token_batch(groups, lengths, T, values, probs, order=None):
+    order = order or list(range(len(groups)))
+    mask = [[1.0 if t < lengths[i] else 0.0 for t in range(T)] for i in order]
+    b = make_batch([groups[i] for i in order], mask, logprobs=[[math.log(p) for p in probs[i]] for i in order])
+    b.prompt_ids = [f"p{groups[i]}" for i in order]
+    garbage = torch.full((len(order), T), float("nan"))  # what padding may hold: must not leak
+    m = torch.tensor(mask) > 0
+    b.extra["values"] = torch.where(m, torch.tensor([values[i] for i in order]), garbage)
+    b.extra["sum_pi_squared"] = torch.where(m, torch.tensor([[p * p for p in probs[i]] for i in order]), garbage)
+    return b
+
+
+@PROPS
+@given(token_batches(), st.sampled_from([(1.0, 1.0), (0.9, 0.95), (0.5, 0.0)]))
+def test_gae_and_otb_properties(data, gl):
+    groups, lengths, T, rewards, values, probs, perm = data
+    b = _token_batch(groups, lengths, T, values, probs)
+    p = _token_batch(groups, lengths, T, values, probs, perm)
+    r = torch.tensor(rewards)
+    for name, kw in (("gae", {"gamma": gl[0], "lam": gl[1]}), ("gae_returns", {"gamma": gl[0], "lam": gl[1]}),
+                     ("optimal_token_baseline", {})):
+        out = call(name, r, b, **kw)
+        assert torch.isfinite(out).all(), name
+        assert (out[b.mask == 0] == 0).all(), name
+        permuted = call(name, r[perm], p, **kw)
+        assert torch.allclose(permuted, out[perm], atol=1e-5), name
+
+
+@PROPS
+@given(token_batches())
+def test_value_loss_properties(data):
+    groups, lengths, T, rewards, values, probs, perm = data
+    b = _token_batch(groups, lengths, T, values, probs)
+    p = _token_batch(groups, lengths, T, values, probs, perm)
+    current = torch.tensor(values) * 0.5
+    returns = torch.tensor(values) + 0.25
+    b.extra["current_values"], p.extra["current_values"] = current, current[perm]
+    loss = call("losses.value", returns, b)
+    assert torch.isfinite(loss)
+    assert float(call("losses.value", returns[perm], p)) == pytest.approx(float(loss), abs=1e-6)
+
+
+def test_otb_group_of_equal_returns_and_lengths_has_zero_advantage():
+    b = _token_batch([0, 0, 0], [3, 3, 3], 3, [[0.0] * 3] * 3, [[0.5, 0.3, 0.9], [0.2, 0.2, 0.2], [0.7, 0.6, 0.5]])
+    out = call("optimal_token_baseline", torch.tensor([1.0, 1.0, 1.0]), b)
+    assert out.abs().max() < 1e-6  # B_t = r·ΣW/ΣW: the baseline is the common return

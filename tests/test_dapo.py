@@ -130,3 +130,19 @@ def test_the_dapo_spec_trains_on_groups_with_spread_only():
     for g in range(4):
         values = correct[batch.group_index == g]
         assert values.min() < values.max()  # every group the loss sees has spread
+
+
+def test_dynamic_sampling_keeps_exactly_the_groups_with_spread_on_random_batches():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        sizes = [rng.randint(1, 4) for _ in range(rng.randint(1, 6))]
+        groups = [g for g, n in enumerate(sizes) for _ in range(n)]
+        metric = [float(rng.choice([0, 1])) for _ in groups]
+        batch, m = spread_batch(groups, metric)
+        kept = call("rollouts.dynamic_sampling", batch, m)
+        want = [i for i, g in enumerate(groups)
+                if sizes[g] == 1 or len({metric[j] for j, h in enumerate(groups) if h == g}) > 1]
+        assert kept.responses == [f"a{i}" for i in want]
+        assert torch.isfinite(kept.mask).all()

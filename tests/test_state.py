@@ -236,3 +236,22 @@ def test_the_readme_example_of_a_stateful_stage_registers_and_runs():
     first = st.fn(torch.tensor([1.0, 0.0]), decay=0.5, state=state)
     second = st.fn(torch.tensor([1.0, 1.0]), decay=0.5, state=state)
     assert first.tolist() == [1.0, 0.0] and second.tolist() == [0.75, 0.75] and state["ema"] == 0.625
+
+
+def test_adaptive_kl_is_finite_zero_on_padding_and_order_free():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        B, T = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+        lp, ref = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+        lp = torch.where(mask > 0, lp, torch.full_like(lp, float("nan")))  # padding may hold anything
+        perm = torch.randperm(B, generator=g)
+        a, b = StageState({"coef": "", "kl": ""}), StageState({"coef": "", "kl": ""})
+        out = call("rewards.adaptive_kl_penalty", make_batch(list(range(B)), mask, logprobs=lp, ref_logprobs=ref),
+                   state=a, init_coef=0.1, target=0.5, horizon=10.0)
+        permuted = call("rewards.adaptive_kl_penalty",
+                        make_batch(list(range(B)), mask[perm], logprobs=lp[perm], ref_logprobs=ref[perm]),
+                        state=b, init_coef=0.1, target=0.5, horizon=10.0)
+        assert torch.isfinite(out).all() and (out[mask == 0] == 0).all()
+        assert torch.allclose(permuted, out[perm]) and a["coef"] == pytest.approx(b["coef"], rel=1e-6)
