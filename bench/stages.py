@@ -110,6 +110,13 @@ def make_batch(B: int, T: int, group: int = 8, seed: int = 0, *, awkward: bool =
         for t in (logprobs, ref_logprobs, policy, entropy):
             t[pad] = float("nan")
     greedy = (torch.rand(G, generator=g) < 0.5).to(torch.float32)[gi]  # ReMax: one greedy reward per prompt
+    values = 0.5 + 0.2 * torch.randn(B, T, generator=g)  # a critic's old values (GAE, the value loss)
+    current = values + 0.3 * torch.randn(B, T, generator=g)  # its current values, some clipped
+    pi = torch.exp(logprobs).clamp(max=1.0)
+    sum_sq = pi * pi + (1 - pi) ** 2 * torch.rand(B, T, generator=g)  # Σπ² ≥ π² (OTB)
+    if awkward:
+        for t in (values, current, sum_sq):
+            t[mask == 0] = float("nan")
     batch = RolloutBatch(
         prompt_ids=[int(i) for i in gi],
         group_index=gi,
@@ -117,7 +124,8 @@ def make_batch(B: int, T: int, group: int = 8, seed: int = 0, *, awkward: bool =
         logprobs=logprobs,
         ref_logprobs=ref_logprobs,
         extra={"policy_logprobs": policy.requires_grad_(), "policy_entropy": entropy.requires_grad_(),
-               "greedy_baseline": greedy},
+               "greedy_baseline": greedy, "values": values, "current_values": current.requires_grad_(),
+               "sum_pi_squared": sum_sq},
     )
     return {"batch": batch, "rewards": rewards, "token_reward": token_reward}
 
@@ -356,6 +364,69 @@ def ref_remax(rewards, b):
         return torch.where(m.sum(-1) > 0, r - base, 0.0)[:, None] * m
     G = torch.where(m > 0, r, 0.0).flip(-1).cumsum(-1).flip(-1)
     return (G - base[:, None]) * m
+
+
+def _last_token(rewards, m):
+    """A sequence reward on each row's last valid token (0 for an empty row)."""
+    pos = torch.arange(1, m.shape[1] + 1, dtype=m.dtype)
+    last = (m * pos).amax(-1).long() - 1
+    out = torch.zeros_like(m)
+    return out.scatter_(1, last.clamp(min=0)[:, None], torch.where(last >= 0, rewards, 0.0)[:, None])
+
+
+def ref_gae(rewards, b, gamma=1.0, lam=1.0, eps=1e-8):
+    """verl's compute_gae_advantage_return loop over T, then masked_whiten (mean, Bessel variance)."""
+    m = b.mask
+    v = torch.where(m > 0, b.extra["values"], 0.0)
+    r = _last_token(rewards.to(torch.float32), m) if rewards.dim() == 1 else torch.where(m > 0, rewards, 0.0)
+    B, T = m.shape
+    rt, vt, mt = r.t().contiguous(), v.t().contiguous(), m.t().contiguous()
+    adv, nxt, last = torch.empty_like(rt), r.new_zeros(B), r.new_zeros(B)
+    for t in range(T - 1, -1, -1):
+        a = rt[t] + gamma * nxt - vt[t] + gamma * lam * last
+        nxt = torch.lerp(nxt, vt[t], mt[t])
+        last = torch.lerp(last, a, mt[t])
+        adv[t] = a
+    adv = adv.t()
+    valid = m > 0
+    x = adv[valid]
+    if x.numel() < 2 or bool(x.min() == x.max()):
+        return torch.zeros_like(adv)
+    out = (adv - x.mean()) * torch.rsqrt(x.var() + eps)
+    return torch.where(valid, out, 0.0)
+
+
+def ref_otb(rewards, b, eps=1e-8):
+    """Per-position baseline Σ_i G·W / Σ_i W over each group (verl's loop, as scatters), zero tail."""
+    m = b.mask
+    gi = b.group_index
+    G = int(gi.max()) + 1
+    returns = _last_token(rewards.to(torch.float32), m).flip(-1).cumsum(-1).flip(-1)
+    pi = torch.exp(torch.where(m > 0, b.logprobs, 0.0))
+    w = ((1 - 2 * pi + torch.where(m > 0, b.extra["sum_pi_squared"], 0.0)) * m).cumsum(-1) * m
+    num = m.new_zeros(G, m.shape[1]).index_add_(0, gi, returns * w)
+    den = m.new_zeros(G, m.shape[1]).index_add_(0, gi, w)
+    count = torch.bincount(gi, minlength=G)
+    base = torch.where((count > 1)[gi][:, None], (num / (den + eps))[gi], 0.0)
+    lengths = m.sum(-1)
+    top = lengths.new_full((G,), -1.0).scatter_reduce(0, gi, lengths, "amax")
+    at_top = lengths == top[gi]
+    n_top = torch.bincount(gi[at_top], minlength=G)
+    second = lengths.new_full((G,), -1.0).scatter_reduce(0, gi, torch.where(at_top, -1.0, lengths), "amax")
+    lone = at_top & (n_top[gi] == 1) & (second[gi] >= 0)
+    tail = lone[:, None] & (torch.arange(m.shape[1], dtype=m.dtype)[None, :] >= second[gi][:, None])
+    return (returns - torch.where(tail, 0.0, base)) * m
+
+
+def ref_value_loss(returns, b, clip=0.5):
+    """½ · token-mean of max((V − R)², (V_old + clamp(V − V_old, ±c) − R)²)."""
+    m = b.mask
+    valid = m > 0
+    v = torch.where(valid, b.extra["current_values"], 0.0)
+    old = torch.where(valid, b.extra["values"], 0.0)
+    target = torch.where(valid, returns, 0.0)
+    err = torch.maximum((v - target) ** 2, (old + (v - old).clamp(-clip, clip) - target) ** 2)
+    return 0.5 * (err * m).sum() / m.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,6 +675,9 @@ CASES = [
     Case("losses.kl_cov", "losses.kl_cov", "loss", _loss_in, ref_kl_cov),
     Case("losses.gmpo", "losses.gmpo", "loss", _loss_in, ref_gmpo),
     Case("losses.entropy_bonus", "losses.entropy_bonus", "loss", _grp_in, ref_entropy_bonus),
+    Case("gae", "gae", "advantage", _adv_in(), ref_gae),
+    Case("optimal_token_baseline", "optimal_token_baseline", "advantage", _adv_in(), ref_otb),
+    Case("losses.value", "losses.value", "loss", lambda d: (d["returns"], d["batch"]), ref_value_loss),
 ]
 
 def prepare(data: dict) -> dict:
@@ -616,11 +690,13 @@ def prepare(data: dict) -> dict:
     else:
         adv = ref_grpo(data["rewards"], b)
     g = torch.Generator().manual_seed(1)
-    return {**data, "advantages": adv.detach(), "token_signal": torch.randn(b.mask.shape, generator=g)}
+    returns = torch.where(b.mask > 0, b.extra["values"], 0.0) + 0.1 * torch.randn(b.mask.shape, generator=g)
+    return {**data, "advantages": adv.detach(), "token_signal": torch.randn(b.mask.shape, generator=g),
+            "returns": returns}
 
 
 def _leaves(b: RolloutBatch) -> list[torch.Tensor]:
-    return [b.extra["policy_logprobs"], b.extra["policy_entropy"]]
+    return [b.extra["policy_logprobs"], b.extra["policy_entropy"], b.extra["current_values"]]
 
 
 def make_callables(case: Case, data: dict):

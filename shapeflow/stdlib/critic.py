@@ -180,11 +180,12 @@ def value_loss(returns, groups, *, clip, agg, loss_scale_factor):
     value is 0.7, ℓ = ½·max(0.25, 0.04) = 0.125.
     """
     mask = groups.mask
-    current = groups.need("current_values")
-    old = torch.where(mask > 0, groups.need("values"), 0.0)
-    target = torch.where(mask > 0, returns.to(current.dtype), 0.0)
-    err = (current - target) ** 2
+    valid = mask > 0
+    current = torch.where(valid, groups.need("current_values"), 0.0)  # padding may hold anything: 0 here
+    old = torch.where(valid, groups.need("values").to(current.dtype), 0.0)
+    target = torch.where(valid, returns.to(current.dtype), 0.0)
+    err = (current - target) ** 2  # 0 on padding, as every term below
     if clip is not None:
-        clipped = old + (current - old).clamp(-clip, clip)
-        err = torch.maximum(err, (clipped - target) ** 2)
-    return aggregate(0.5 * err, mask, agg, loss_scale_factor)
+        err = torch.maximum(err, (old + (current - old).clamp(-clip, clip) - target) ** 2)
+    half = current.new_full((mask.shape[0], 1), 0.5)  # the ½, applied to the row sums
+    return aggregate(err, mask, agg, loss_scale_factor, weight=half, padding="zero")
