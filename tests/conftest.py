@@ -60,3 +60,13 @@ def call(name: str, *inputs: Any, **params: Any) -> Any:
 
         values["state"] = state if state is not None else StageState(dict(st.state), owner=name)
     return st.fn(*inputs, **values)
+
+
+def stage_page_shows(name: str, texts, capsys) -> None:
+    """`shapeflow stages NAME` exits 0 and its page contains every one of ``texts``."""
+    from shapeflow.cli import main
+
+    assert main(["stages", name]) == 0
+    out = capsys.readouterr().out
+    for text in texts:
+        assert text in out, (text, out)

@@ -23,7 +23,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import call, make_batch  # noqa: E402
+from conftest import call, make_batch, stage_page_shows  # noqa: E402
 
 PROPS = settings(derandomize=True, max_examples=60, deadline=None, database=None)
 NAN = float("nan")
@@ -670,12 +670,7 @@ def test_reinforce_pp_baseline_properties(data, std):
                       "reinforce_pp(rewards: Signal[*], groups: Rollouts, gamma=..., eps=..., std=...) -> Advantage[tok]"]),
 ])
 def test_stage_doc_page(name, texts, capsys):
-    from shapeflow.cli import main
-
-    assert main(["stages", name]) == 0
-    out = capsys.readouterr().out
-    for text in texts:
-        assert text in out, (text, out)
+    stage_page_shows(name, texts, capsys)
 
 
 GDPO_SPEC = """\

@@ -23,7 +23,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import call, make_batch  # noqa: E402
+from conftest import call, make_batch, stage_page_shows  # noqa: E402
 
 from shapeflow.stdlib import shaping_state as ss  # noqa: E402
 from shapeflow.stdlib.registry import default_registry  # noqa: E402
@@ -675,12 +675,7 @@ def test_verl_er_properties(inputs, placement, baseline):
     ("verl_er.effective_rank", ["ER = exp(−Σ p_k log(p_k + 1e-8))"]),
 ])
 def test_stage_doc_page(name, texts, capsys):
-    from shapeflow.cli import main
-
-    assert main(["stages", name]) == 0
-    out = capsys.readouterr().out
-    for text in texts:
-        assert text in out, (text, out)
+    stage_page_shows(name, texts, capsys)
 
 
 def test_importing_the_stages_does_not_import_torch():
