@@ -428,10 +428,9 @@ def test_steer_statistics_are_those_of_the_rows_given():
 def test_steer_parameters():
     ok = default_registry()["losses.steer"].params
     assert ok().stats_scope == "micro" and ok().mapping == "exp"
-    with pytest.raises(ValidationError, match="whole minibatch in one call"):
-        ok(stats_scope="mini")
-    with pytest.raises(ValidationError, match="train.minibatches = 1"):
-        ok(stats_scope="global")
+    assert ok(stats_scope="mini").stats_scope == "mini" and ok(stats_scope="global").stats_scope == "global"
+    with pytest.raises(ValidationError, match="stats_scope"):
+        ok(stats_scope="group")
     with pytest.raises(ValidationError, match="weight_min <= 1"):
         ok(weight_min=1.1)
     with pytest.raises(ValidationError, match="weight_min <= weight_max"):
@@ -611,3 +610,83 @@ def test_dcpo_in_a_training_run_keeps_the_nll_of_the_step_it_saw():
     second = trainer.train_step(1)
     assert second["state/adv/temperature"] == (1.2 if nll <= 0.5 else 0.8)
     assert all(math.isfinite(v) for v in second.values())
+
+
+# --- STEER's statistics scope in the update loop ----------------------------------------------
+
+def steer_trainer(*sets: str):
+    from pathlib import Path
+
+    from shapeflow.compiler.pipeline import build_plan, compile_spec
+    from shapeflow.runtime.trainer import Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    result = compile_spec(root / "specs" / "steer.shape", roots=[root / "specs"],
+                          sets=["train.prompts_per_step=4", "group_size=4", "train.eval_size=8", "train.lr=1e-3",
+                                *sets])
+    assert result.ok, result.diagnostics
+    _, plan = build_plan(result.program)
+    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
+    trainer.setup()
+    return trainer
+
+
+def _gradient_of_one_step(*sets: str):
+    """The gradient of the first optimizer step and the step's metrics."""
+    trainer = steer_trainer(*sets)
+    grads = []
+    step = trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record
+    metrics = trainer.train_step(0)
+    return grads[0], metrics
+
+
+def test_steer_minibatch_scope_spans_the_micro_batches():
+    """stats_scope = mini over 4 micro-batches gives the gradient of one micro-batch holding the
+    whole minibatch; micro over 4 micro-batches does not (the weights' range changes)."""
+    whole, _ = _gradient_of_one_step("train.grad_accum=1")
+    mini, metrics = _gradient_of_one_step("train.grad_accum=4", "loss.stats_scope=mini")
+    micro, _ = _gradient_of_one_step("train.grad_accum=4")
+    scale = whole.abs().max().item()
+    assert (mini - whole).abs().max().item() < 1e-5 * scale
+    assert (micro - whole).abs().max().item() > 1e-3 * scale
+    assert math.isfinite(metrics["objective/loss"])
+
+
+def test_steer_global_scope_takes_the_range_over_the_whole_batch_under_the_current_weights(monkeypatch):
+    """With two minibatches, the global scope's ω_min / ω_max before each minibatch are those of
+    the whole batch under the weights of that moment (the second after one optimizer step)."""
+    from shapeflow.runtime.engine import token_logprobs
+    from shapeflow.runtime.trainer import Trainer
+
+    trainer = steer_trainer("train.minibatches=2", "train.grad_accum=2", "loss.stats_scope=global")
+    assert trainer.stats_scope == "global"
+    seen, expected = [], []
+    original = Trainer._scope_statistics
+
+    def spy(self, batch, rows, rollout_values, epoch, scope):
+        assert sorted(torch.cat(rows).tolist()) == list(range(batch.size))
+        with torch.no_grad():
+            current = token_logprobs(self.model, batch.prompt_tokens, batch.prompt_mask, batch.response_ids,
+                                     batch.mask, temperature=1.0).logprobs
+            adv = rollout_values["adv"]
+            x = current.exp().clamp(1e-8, 1 - 1e-8)
+            old = batch.logprobs.exp().clamp(1e-8, 1.0)
+            omega = (adv[:, None] / old * x * (1 - x) * (x.log() + batch.entropy)).abs()
+            valid = batch.mask > 0
+            expected.append((omega[valid].min().item(), omega[valid].max().item()))
+        stats = original(self, batch, rows, rollout_values, epoch, scope)
+        seen.append((stats.keys, [v.item() for v in stats.values]))
+        return stats
+
+    monkeypatch.setattr(Trainer, "_scope_statistics", spy)
+    trainer.train_step(0)
+    assert len(seen) == 2 and expected[0] != expected[1]  # one per minibatch; the weights moved between
+    for (keys, values), (lo, hi) in zip(seen, expected):
+        assert keys == ["steer.omega_min", "steer.omega_max"]
+        assert values == pytest.approx([lo, hi], rel=1e-4, abs=1e-7)

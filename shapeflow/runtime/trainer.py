@@ -14,6 +14,7 @@ needs from the rollout arrives through the needs the compiler collected.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from shapeflow.runtime.engine import ENGINES, token_logprobs, token_needs, token
 from shapeflow.runtime.models import Critic, Policy
 from shapeflow.runtime.executor import downstream_of, new_states, run_nodes
 from shapeflow.runtime.sampler import PromptSampler
-from shapeflow.stdlib.functional import aggregation_scope
+from shapeflow.stdlib.functional import SCOPES, ScopeStatistics, aggregation_scope, scope_statistics
 from shapeflow.stdlib.registry import Registry
 
 
@@ -205,6 +206,11 @@ class Trainer:
             and "values" not in self.program.needs
             and self.world == 1  # with several processes each computes its own rows: the pass runs before the gather
         )
+        # the widest statistics scope of the update's losses (STEER's ω range): "micro" needs no extra pass
+        scopes = [self.program.nodes[n].params[self.registry[self.program.nodes[n].stage].scope_param]
+                  for n in self.plan.phases["update"] if self.program.nodes[n].op == "stage"
+                  and self.registry[self.program.nodes[n].stage].scope_param is not None]
+        self.stats_scope = max(scopes, key=SCOPES.index, default="micro")
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The policy's parameters, and the critic's (its head, and its own model if it has one)
@@ -444,10 +450,6 @@ class Trainer:
         program, cfg = self.program, self.config
         update_nodes = list(self.plan.phases["update"])
         rollout_values = {k: v for k, v in values.items() if k in set(self.plan.phases["rollout"])}
-        temperature = float(program.nodes[self.rollout_node].params.get("temperature", 1.0))
-        entropy_grad = "policy_entropy" in program.needs  # a loss term on the current policy's entropy
-        want_values = "current_values" in program.needs  # a value loss: the critic's values with gradient
-        update_head = self.critic.head if want_values and self.critic.shared else None
         losses: dict[str, list[float]] = {}
         approx_kl, ratios, grad_norms, entropies = [], [], [], []
         first_deviation = None  # max |ρ − 1| on the first minibatch: 0 unless behaviour log-probs are off
@@ -455,36 +457,20 @@ class Trainer:
         if self.critic_model is not None:
             self.critic_model.train()
         for epoch in range(cfg.ppo_epochs):
-            for mb_index, minibatch in enumerate(self.micro_batches(batch.size, step, epoch)):
+            minibatches = self.micro_batches(batch.size, step, epoch)
+            for mb_index, minibatch in enumerate(minibatches):
                 # every aggregate divides by the whole minibatch's counts (all micro-batches, all
                 # processes): the shares below add up to the minibatch's loss exactly
                 scope = self._aggregation_scope(batch, minibatch)
+                # a loss whose statistics span the minibatch or the batch: collected first
+                stats_rows = minibatch if self.stats_scope == "mini" else [r for m in minibatches for r in m]
+                scope_stats = (self._scope_statistics(batch, stats_rows, rollout_values, epoch, scope)
+                               if self.stats_scope != "micro" else None)
                 minibatch = self._my_rows(minibatch)
                 shares: dict[str, float] = {}
                 for rows in minibatch:
-                    rows = rows.to(batch.mask.device)
-                    mb = batch.select(rows)
-                    stats = token_logprobs(self.model, mb.prompt_tokens, mb.prompt_mask, mb.response_ids, mb.mask,
-                                           temperature=temperature, entropy=epoch == 0, entropy_grad=entropy_grad,
-                                           value_head=update_head)
-                    if self.behaviour_from_update:  # the behaviour pass, computed once, here
-                        mb.logprobs = stats.logprobs.detach()
-                        batch.logprobs[rows] = mb.logprobs
-                    current = {"policy_logprobs": stats.logprobs}
-                    if entropy_grad:
-                        current["policy_entropy"] = stats.entropy
-                    if want_values:
-                        current["current_values"] = stats.values if stats.values is not None else \
-                            self._critic_values(mb, None, grad=True)
-                    mb.extra.update(current)
-                    mb_values = {k: _rows(v, rows, batch.size) for k, v in rollout_values.items()}
-                    mb_values[self.batch_node] = mb
-                    for v in mb_values.values():  # batches derived in the rollout phase share the rows
-                        if isinstance(v, RolloutBatch):
-                            if self.behaviour_from_update:
-                                v.logprobs = mb.logprobs
-                            v.extra.update(current)
-                    with aggregation_scope(*scope):
+                    mb, mb_values, stats = self._micro_values(batch, rows, rollout_values, epoch)
+                    with aggregation_scope(*scope), _maybe(scope_stats):
                         run_nodes(program, update_nodes, mb_values, self.registry, mb.mask, states=self.stage_states)
                     loss = mb_values[self.plan.objective]
                     if not torch.isfinite(loss):
@@ -495,8 +481,6 @@ class Trainer:
                         v = mb_values[n]
                         if torch.is_tensor(v) and v.dim() == 0:
                             shares[n] = shares.get(n, 0.0) + float(v.detach())
-                for n, total in self._sum_over_processes(shares).items():
-                    losses.setdefault(n, []).append(total)
                     with torch.no_grad():
                         delta = (mb.logprobs - stats.logprobs.detach()) * mb.mask  # old − new
                         tokens = mb.mask.sum().clamp(min=1)
@@ -507,6 +491,8 @@ class Trainer:
                         if epoch == 0 and mb_index == 0:
                             dev = float(((torch.exp(-delta) - 1).abs() * mb.mask).max())
                             first_deviation = max(first_deviation or 0.0, dev)
+                for n, total in self._sum_over_processes(shares).items():
+                    losses.setdefault(n, []).append(total)
                 if cfg.max_grad_norm is not None:
                     norm = self.accelerator.clip_grad_norm_(self.trainable_parameters, cfg.max_grad_norm)
                     grad_norms.append(float(norm))
@@ -528,6 +514,63 @@ class Trainer:
             metrics["optim/grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
         return metrics
+
+    def _micro_values(self, batch: RolloutBatch, rows: "torch.Tensor", rollout_values: dict[str, Any],
+                      epoch: int):
+        """One micro-batch's inputs to the update nodes: the rows of every rollout-phase value,
+        with the current policy's forward pass (log-probs, and entropy / values when asked)."""
+        program = self.program
+        temperature = float(program.nodes[self.rollout_node].params.get("temperature", 1.0))
+        entropy_grad = "policy_entropy" in program.needs  # a loss term on the current policy's entropy
+        want_values = "current_values" in program.needs  # a value loss: the critic's values with gradient
+        update_head = self.critic.head if want_values and self.critic.shared else None
+        rows = rows.to(batch.mask.device)
+        mb = batch.select(rows)
+        stats = token_logprobs(self.model, mb.prompt_tokens, mb.prompt_mask, mb.response_ids, mb.mask,
+                               temperature=temperature, entropy=epoch == 0, entropy_grad=entropy_grad,
+                               value_head=update_head)
+        if self.behaviour_from_update:  # the behaviour pass, computed once, here
+            mb.logprobs = stats.logprobs.detach()
+            batch.logprobs[rows] = mb.logprobs
+        current = {"policy_logprobs": stats.logprobs}
+        if entropy_grad:
+            current["policy_entropy"] = stats.entropy
+        if want_values:
+            current["current_values"] = stats.values if stats.values is not None else \
+                self._critic_values(mb, None, grad=True)
+        mb.extra.update(current)
+        mb_values = {k: _rows(v, rows, batch.size) for k, v in rollout_values.items()}
+        mb_values[self.batch_node] = mb
+        for v in mb_values.values():  # batches derived in the rollout phase share the rows
+            if isinstance(v, RolloutBatch):
+                if self.behaviour_from_update:
+                    v.logprobs = mb.logprobs
+                v.extra.update(current)
+        return mb, mb_values, stats
+
+    @torch.no_grad()
+    def _scope_statistics(self, batch: RolloutBatch, rows: list["torch.Tensor"], rollout_values: dict[str, Any],
+                          epoch: int, scope: tuple[float, float, float]) -> ScopeStatistics:
+        """The statistics that update-phase losses take over ``rows`` (a minibatch or the whole
+        batch) under the current weights: the update nodes run without gradient over this
+        process's share of the rows, in micro-batches of the update's size, and every
+        ``scope_reduce`` value is combined over them and over the processes."""
+        stats = ScopeStatistics()
+        for micro in self._my_rows(rows):
+            _, mb_values, _ = self._micro_values(batch, micro, rollout_values, epoch)
+            with aggregation_scope(*scope), scope_statistics(stats):
+                run_nodes(self.program, list(self.plan.phases["update"]), mb_values, self.registry,
+                          mb_values[self.batch_node].mask, states=self._state_copies())
+        stats.finish(self._reduce_over_processes if self.world > 1 else None)
+        return stats
+
+    def _reduce_over_processes(self, value: "torch.Tensor", op: str) -> "torch.Tensor":
+        import torch.distributed as dist
+
+        ops = {"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+        out = value.detach().to(torch.float64).cpu().clone()
+        dist.all_reduce(out, op=ops[op])
+        return out.to(device=value.device, dtype=value.dtype)
 
     # --- one step ------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
@@ -677,6 +720,16 @@ class Trainer:
             if self.program.nodes[n].type.base == "Dataset":
                 out.append(self.sampler_for(v))
         return out
+
+
+@contextmanager
+def _maybe(stats: ScopeStatistics | None):
+    """Serve ``scope_reduce`` from ``stats`` when a loss's statistics span more than its micro-batch."""
+    if stats is None:
+        yield
+    else:
+        with scope_statistics(stats):
+            yield
 
 
 def _rows(value: Any, rows: "torch.Tensor", size: int) -> Any:

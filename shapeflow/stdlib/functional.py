@@ -205,6 +205,91 @@ def aggregation_scope(tokens: float, rows: float, responses: float):
         _SCOPE.reset(token)
 
 
+SCOPES = ("micro", "mini", "global")  # rows a loss's statistics may span, narrowest first
+
+_REDUCE_OPS = ("min", "max", "sum")
+
+
+class ScopeStatistics:
+    """Statistics a loss takes over more rows than the micro-batch it is given.
+
+    The update loop runs the update-phase nodes twice for such a scope: first without gradient
+    over every micro-batch of the scope (``collecting``), where each ``scope_reduce`` call
+    records its micro-batch's value; then the values are combined over the micro-batches (and
+    processes), and in the real pass each call gets the scope's value. Calls are matched by
+    their position in a micro-batch's run (the graph runs the same stages in the same order on
+    every micro-batch) and checked by key."""
+
+    def __init__(self) -> None:
+        self.collecting = True
+        self.keys: list[str] = []
+        self.ops: list[str] = []
+        self.values: list["Tensor"] = []
+        self._calls = 0
+
+    def start_micro_batch(self) -> None:
+        self._calls = 0
+
+    def reduce(self, key: str, value: "Tensor", op: str) -> "Tensor":
+        if op not in _REDUCE_OPS:
+            raise ValueError(f"unknown scope reduction {op!r} (one of {', '.join(_REDUCE_OPS)})")
+        i, self._calls = self._calls, self._calls + 1
+        if self.collecting:
+            value = value.detach()
+            if i == len(self.keys):
+                self.keys.append(key)
+                self.ops.append(op)
+                self.values.append(value.clone())
+            else:
+                self._check(i, key, op)
+                combine = {"min": torch.minimum, "max": torch.maximum, "sum": torch.add}[op]
+                self.values[i] = combine(self.values[i], value)
+            return value
+        if i >= len(self.keys):
+            raise RuntimeError(f"scope statistic {key!r} was not collected before the update")
+        self._check(i, key, op)
+        return self.values[i].to(device=value.device, dtype=value.dtype)
+
+    def _check(self, i: int, key: str, op: str) -> None:
+        if (self.keys[i], self.ops[i]) != (key, op):
+            raise RuntimeError(f"scope statistics out of order: {key!r} ({op}) where {self.keys[i]!r} "
+                               f"({self.ops[i]}) was collected")
+
+    def finish(self, all_reduce: "Callable[[Tensor, str], Tensor] | None" = None) -> None:
+        """End the collecting pass; ``all_reduce(value, op)`` combines values over processes."""
+        if all_reduce is not None:
+            self.values = [all_reduce(v, op) for v, op in zip(self.values, self.ops)]
+        self.collecting = False
+
+
+_STATS: "ContextVar[ScopeStatistics | None]" = ContextVar("shapeflow_scope_statistics", default=None)
+
+
+@contextmanager
+def scope_statistics(stats: ScopeStatistics):
+    """Run a micro-batch's update nodes with ``stats`` serving ``scope_reduce``."""
+    stats.start_micro_batch()
+    token = _STATS.set(stats)
+    try:
+        yield
+    finally:
+        _STATS.reset(token)
+
+
+def scope_reduce(key: str, value: "Tensor", op: str) -> "Tensor":
+    """``value`` reduced (min, max or sum) over the rows of the loss's statistics scope.
+
+    A loss computes a statistic of the rows it is given (its micro-batch) and passes it here:
+    outside a wider scope (stats_scope = micro, or a direct call) it comes back unchanged;
+    when the update loop runs the loss for a minibatch or global scope, it returns the
+    statistic over every micro-batch of that scope, under the current weights (STEER's ω_min,
+    ω_max). ``value`` must not depend on the gradient path (it is detached)."""
+    stats = _STATS.get()
+    if stats is None:
+        return value
+    return stats.reduce(key, value, op)
+
+
 def row_mean(per_row: "Tensor") -> "Tensor":
     """The mean of a per-response value over the batch's responses (the scope's count inside
     ``aggregation_scope``)."""

@@ -84,6 +84,9 @@ class Stage:
     source: str = "shapeflow"  # "shapeflow" or the plug-in's entry-point name
     state: tuple[tuple[str, str], ...] = ()  # what it keeps across steps: (key, doc); keyword `state`
     provides: frozenset[str] = frozenset()  # model stages: needs their value supplies (a critic: values)
+    # update-phase stages: the parameter ("micro", "mini" or "global") naming the rows its
+    # statistics span (functional.scope_reduce); the update loop runs a pass for wider scopes
+    scope_param: str | None = None
 
     @property
     def stateful(self) -> bool:
@@ -211,6 +214,7 @@ def _build(
     source: str = "shapeflow",
     state: dict[str, str] | None = None,
     provides: Iterable[str] = (),
+    scope_param: str | None = None,
 ) -> Stage:
     try:
         typed_inputs = tuple((n, parse_type(t)) for n, t in inputs.items())
@@ -232,6 +236,7 @@ def _build(
         source=source,
         state=tuple((state or {}).items()),
         provides=frozenset(provides),
+        scope_param=scope_param,
     )
 
 
@@ -259,6 +264,9 @@ def _verify_contract(st: Stage) -> None:
         raise RegistrationError(f"{where}: output level '*' needs an input with level '*'")
     if st.engine_param is not None and st.engine_param not in st.params.model_fields:
         raise RegistrationError(f"{where}: engine_param '{st.engine_param}' is not a parameter")
+    if st.scope_param is not None and (st.scope_param not in st.params.model_fields or st.phase != "update"):
+        raise RegistrationError(f"{where}: scope_param '{st.scope_param}' must name a parameter of an "
+                                "update-phase stage")
     for n in st.needs:
         param = template_param(n)
         if param is not None and param not in st.param_names():

@@ -20,13 +20,13 @@ method's code reads it on purpose (UCAS's certainty sum, documented there).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from shapeflow._lazy import torch
 from shapeflow.stdlib.advantages import _group_relative
-from shapeflow.stdlib.functional import group_stats, masked, to_tokens
+from shapeflow.stdlib.functional import group_stats, masked, scope_reduce, to_tokens
 from shapeflow.stdlib.losses import PpoClipParams, ppo_clip
 from shapeflow.stdlib.registry import StageParams, stage
 
@@ -175,11 +175,13 @@ _STEER_PAPER = (
     "(loss_mode entropy_control) (catalog-b §4)"
 )
 _SCOPE_DOC = (
-    "Where ω_min and ω_max come from. micro (the official code's scope): the valid tokens of the rows the "
-    "stage is given, which in shapeflow's update loop is one micro-batch (train.grad_accum micro-batches "
-    "per minibatch). mini and global (the whole minibatch, the whole step's batch) need a trainer pass "
-    "over the rows before the first micro-batch's backward and are not available yet; with "
-    "train.grad_accum = 1 micro is mini, and with minibatches = grad_accum = 1 it is global."
+    "Which valid tokens ω_min and ω_max range over. micro (the official code's scope): the rows the stage "
+    "is given, which in shapeflow's update loop is one micro-batch on one process (train.grad_accum "
+    "micro-batches per minibatch). mini: the whole minibatch, every micro-batch on every process; global: "
+    "the whole step's batch. Both are taken under the current weights, by a forward pass without gradient "
+    "over those rows before the minibatch's first backward (mini: one extra forward over the batch per "
+    "epoch; global: one over the whole batch per minibatch). With train.grad_accum = 1 and one process, mini "
+    "is micro; with train.minibatches = 1 as well, global is mini."
 )
 
 
@@ -195,18 +197,7 @@ class SteerParams(PpoClipParams):
     weight_max: float = Field(1.2, gt=0, le=10, description="λ_max of the linear mapping, the weight of the "
                               "token with the smallest |Ω| (token_weight_max: 1.2 in run/run_linear.sh, 1.0 in "
                               "run/run_exp.sh; 1.05 when unset). The exp mapping caps λ at 1 and ignores it.")
-    stats_scope: Literal["micro"] = Field("micro", description=_SCOPE_DOC)
-
-    @field_validator("stats_scope", mode="before")
-    @classmethod
-    def _scope_available(cls, value: Any) -> Any:
-        if value in ("mini", "global"):
-            raise ValueError(
-                f"stats_scope {value!r} needs the whole {'minibatch' if value == 'mini' else 'batch'} in one "
-                "call, which the update loop does not give a loss yet; 'micro' (the official code's scope) equals "
-                "it when train.grad_accum = 1" + (" and train.minibatches = 1" if value == "global" else "")
-            )
-        return value
+    stats_scope: Literal["micro", "mini", "global"] = Field("micro", description=_SCOPE_DOC)
 
     @model_validator(mode="after")
     def _mapping_bounds(self):
@@ -229,7 +220,8 @@ def steer_weights(advantages, entropy, old_logprobs, logprobs, mask, *, mapping:
                 (λ_min + λ_max)/2 everywhere when ω_max = ω_min
 
     ``advantages`` (B,) or (B, T); ``entropy``, ``old_logprobs``, ``logprobs`` and ``mask`` (B, T).
-    Statistics are over the valid tokens of the tensors given (the code's micro-batch).
+    Statistics are over the valid tokens of the tensors given (the code's micro-batch), or over
+    the loss's statistics scope when the update loop runs it for a wider one (``scope_reduce``).
 
     Example (catalog-b §4): A = [[1, 1, 1, 1], [−1, −1, −1, 0]], p_old = p_θ =
     [0.9, 0.5, 0.2, 0.05 | 0.9, 0.5, 0.2, 0.3], H = [0.3, 1.2, 2.0, 2.5 | 0.3, 1.2, 2.0, 1.0], the
@@ -247,8 +239,9 @@ def steer_weights(advantages, entropy, old_logprobs, logprobs, mask, *, mapping:
         h = masked(entropy.detach(), valid).to(dtype)
         omega = adv / old * (x * (1.0 - x)) * (torch.log(x) + h)
         omega = torch.where(valid & torch.isfinite(omega), omega, 0.0).abs()  # (B, T)
-        lo = torch.where(valid, omega, math.inf).amin() if omega.numel() else omega.new_zeros(())
-        hi = torch.where(valid, omega, -math.inf).amax() if omega.numel() else omega.new_zeros(())
+        lo = torch.where(valid, omega, math.inf).amin() if omega.numel() else omega.new_full((), math.inf)
+        hi = torch.where(valid, omega, -math.inf).amax() if omega.numel() else omega.new_full((), -math.inf)
+        lo, hi = scope_reduce("steer.omega_min", lo, "min"), scope_reduce("steer.omega_max", hi, "max")
         if mapping == "exp":
             k = -math.log(weight_min) / hi.clamp(min=0.02)
             weights = torch.exp(-k * omega).clamp(weight_min, 1.0)
@@ -270,6 +263,7 @@ def steer_weights(advantages, entropy, old_logprobs, logprobs, mask, *, mapping:
     params=SteerParams,
     needs=("logprobs", "policy_logprobs", "entropy"),
     phase="update",
+    scope_param="stats_scope",
     paper=_STEER_PAPER,
 )
 def steer(advantages, groups, *, mapping, weight_min, weight_max, stats_scope, eps_low, eps_high, clip_c, agg,
@@ -288,8 +282,9 @@ def steer(advantages, groups, *, mapping, weight_min, weight_max, stats_scope, e
     * H is the *behaviour* policy's full-vocabulary entropy (need "entropy", computed with the old
       log-probs), x the *current* policy's probability of the sampled token (no gradient): the code
       mixes the two; the paper's derivation is at the current point.
-    * ω_min and ω_max are statistics of the micro-batch (see stats_scope), so the weights change
-      with the micro-batch size (the release: 8 responses per GPU micro-batch).
+    * ω_min and ω_max are statistics of the micro-batch (stats_scope = micro), so the weights
+      change with the micro-batch size (the release: 8 responses per GPU micro-batch); mini and
+      global take them over the minibatch or the whole batch (the paper's reading).
     * λ multiplies the already clipped / dual-clipped term; padding gets λ = 0.
 
     Parameters as the function's defaults (clip 0.2/0.2, clip_c 3, token-mean); the release's run
