@@ -22,6 +22,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from conftest import call, make_batch  # noqa: E402
+from shapeflow.stdlib.registry import default_registry  # noqa: E402
 from shapeflow.stdlib.shaping_rewards import (  # noqa: E402
     RunningStats,
     fitted_poly,
@@ -673,3 +674,77 @@ def test_r3_properties(d, data, p, eligible, ties):
     for idx in members(d["groups"]).values():  # a group with a success gets nothing
         if any(d["rewards"][i] > 0 for i in idx):
             assert got[idx].tolist() == [0.0] * len(idx)
+
+
+# --------------------------------------------------------------------------------------------
+# PAR's reference responses: sampled from the frozen initial policy (models.reference +
+# rollouts.resample), row for row with the policy's groups
+# --------------------------------------------------------------------------------------------
+
+
+def par_trainer(*sets: str):
+    from pathlib import Path
+
+    from shapeflow.compiler.pipeline import build_plan, compile_spec
+    from shapeflow.runtime.trainer import Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    result = compile_spec(root / "specs" / "par.shape", roots=[root / "specs"],
+                          sets=["train.prompts_per_step=4", "train.eval_size=8", "train.lr=1e-3", *sets])
+    assert result.ok, result.diagnostics
+    _, plan = build_plan(result.program)
+    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
+    trainer.setup()
+    return trainer
+
+
+def test_par_reference_responses_come_from_the_frozen_initial_policy_row_for_row():
+    trainer = par_trainer()
+    sft = trainer.values["sft"]
+    assert sft.frozen and trainer.policy is not sft and not any(p.requires_grad for p in sft.model.parameters())
+    initial = [p.detach().clone() for p in sft.model.parameters()]
+    for step in range(2):
+        metrics = trainer.train_step(step)
+    values = trainer.last_values
+    groups, refs = values["groups"], values["refs"]
+    # same prompts, same groups, same order; as many references per prompt as responses
+    assert refs.prompt_ids == groups.prompt_ids and torch.equal(refs.group_index, groups.group_index)
+    assert [e.id for e in refs.examples] == [e.id for e in groups.examples]
+    assert refs.size == groups.size == 20 and refs.mask.shape[0] == 20
+    # the reference rewards are the verifier on those responses, aligned with the groups
+    expected = torch.tensor([float(r.strip() == a) for r, a in zip(refs.responses, refs.answers)])
+    assert torch.equal(values["ref_correct"].float().cpu(), expected)
+    assert metrics["verify/ref_correct/mean"] == pytest.approx(expected.mean().item())
+    # the reference never moves; the policy does
+    assert all(torch.equal(a, b) for a, b in zip(initial, sft.model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(initial, trainer.policy.model.parameters()))
+    # PAR's reward is the mean sigmoid against the first M = 5 references of the group
+    r = values["raw"].float()
+    ref = values["ref_correct"].float()
+    index = groups.group_index
+    want = torch.stack([torch.sigmoid(r[i] - ref[index == index[i]]).mean() for i in range(groups.size)])
+    close(values["r"], want.tolist(), rel=1e-6)
+
+
+def test_resample_is_seeded_by_step_and_needs_equal_groups():
+    from shapeflow.runtime.trainer import RunError
+
+    a, b = par_trainer(), par_trainer()
+    a.train_step(0)
+    b.train_step(0)
+    assert a.last_values["refs"].responses == b.last_values["refs"].responses
+    groups = a.last_values["groups"]
+    uneven = groups.select(torch.arange(groups.size - 1))
+    from shapeflow.runtime.trainer import StepContext
+
+    ctx = StepContext(a, 0, node_id="refs")
+    with pytest.raises(RunError, match="groups of one size"):
+        ctx.resample(a.values["sft"], uneven, engine="generate", max_new_tokens=5, temperature=1.0, top_p=1.0,
+                     top_k=0, chat=False)
+
+
+def test_reference_model_stage_refuses_a_frozen_model():
+    from shapeflow.runtime.models import Policy
+
+    with pytest.raises(ValueError, match="the policy the run trains"):
+        default_registry()["models.reference"].fn(Policy(None, None, "x", frozen=True))

@@ -103,6 +103,7 @@ class Policy:
     model: Any  # transformers PreTrainedModel
     tokenizer: Any
     source: str  # the path or builtin name from the spec
+    frozen: bool = False  # a fixed copy (models.reference): sampled from, never trained
 
     @property
     def eos_token_id(self) -> int:

@@ -90,6 +90,10 @@ class StepContext:
         """Whether some stage of the spec needs ``need`` (an engine computes extras only then)."""
         return need in self.trainer.program.needs
 
+    def resample(self, model, groups: RolloutBatch, *, engine: str, **sampling: Any) -> RolloutBatch:
+        """New responses from ``model`` to the prompts of ``groups``, row for row (see Trainer.resample)."""
+        return self.trainer.resample(self, model, groups, engine=engine, **sampling)
+
     def complete(self, batch: RolloutBatch, policy, *, temperature: float) -> RolloutBatch:
         batch = self.trainer.complete(batch, policy, temperature=temperature,
                                       micro_rows=self.micro_rows if self.trainer.world == 1 else [])
@@ -156,7 +160,10 @@ class Trainer:
                            f"{self.world} processes")
         run_nodes(self.program, self.plan.phases["setup"], self.values, self.registry)
         models = [n for n in self.plan.phases["setup"] if self.program.nodes[n].type.base == "Model"]
-        policies = [n for n in models if isinstance(self.values[n], Policy)]
+        policies = [n for n in models if isinstance(self.values[n], Policy) and not self.values[n].frozen]
+        for n in models:  # frozen copies (models.reference) sample on the trainer's device
+            if isinstance(self.values[n], Policy) and self.values[n].frozen:
+                self.values[n].model.to(self.device)
         critics = [n for n in models if isinstance(self.values[n], Critic)]
         if len(policies) != 1:
             raise RunError(f"a run trains exactly one policy; this spec has {len(policies)}")
@@ -301,7 +308,9 @@ class Trainer:
         """After every optimizer step: engines that keep a copy of the weights (vLLM) get the new
         ones (an engine declares ``weights_updated(model)``; the generate engine samples from the
         training model itself and has none)."""
-        for engine in self.engines.values():
+        for (_, owner), engine in self.engines.items():
+            if owner != id(self.policy):  # engines of frozen models (models.reference) keep their weights
+                continue
             hook = getattr(engine, "weights_updated", None)
             if hook is not None:
                 hook(self.accelerator.unwrap_model(self.model))
@@ -363,6 +372,11 @@ class Trainer:
                                                     temperature=temperature).logprobs
         if "greedy_baseline" in needs and baseline:
             batch.extra["greedy_baseline"] = self._greedy_baseline(batch, policy)
+        self._task_scores(batch)
+        return batch
+
+    def _task_scores(self, batch: RolloutBatch) -> None:
+        """``scores["task"]``: the task's own scorer on each response, where the task has one."""
         task = batch.task
         if getattr(task, "scorer", None) is not None:
             scores = torch.tensor([float(task.scorer(e, r)) for e, r in zip(batch.examples, batch.responses)],
@@ -372,7 +386,40 @@ class Trainer:
                 self.nonfinite_scores += int(bad.sum())
                 scores = torch.where(bad, torch.zeros_like(scores), scores)
             batch.scores["task"] = scores
-        return batch
+
+    @torch.no_grad()
+    def resample(self, ctx: StepContext, model, groups: RolloutBatch, *, engine: str, **sampling: Any) -> RolloutBatch:
+        """As many new responses from ``model`` to each prompt of ``groups`` as the group has, in
+        the rows of ``groups`` (row i answers row i's prompt): a signal computed on the result is
+        aligned with ``groups``. Seeded per group from the run's seed, the step and the node;
+        with several processes each samples a contiguous share of the groups, then all gather."""
+        index = groups.group_index
+        G = groups.num_groups
+        sizes = torch.bincount(index, minlength=G)
+        n = int(sizes.max()) if G else 0
+        if G and bool((sizes != n).any()):
+            raise RunError("rollouts.resample needs groups of one size (got sizes "
+                           f"{sorted(set(sizes.tolist()))})")
+        first = {}
+        for i, g in enumerate(index.tolist()):
+            first.setdefault(g, i)
+        examples = [groups.examples[first[g]] for g in range(G)]
+        node = self.program.nodes[ctx.node_id]
+        seeds = [_seed_for(self.seed, ctx.step, 1 + node.order, 7, g) for g in range(G)]
+        lo, hi = self.rank * G // self.world, (self.rank + 1) * G // self.world
+        out = self.engine(engine, model).generate(examples[lo:hi], n=n, seeds=seeds[lo:hi], **sampling)
+        out.task = groups.task
+        self._task_scores(out)
+        out = self.gather(out)
+        # row i of groups is the j-th response of its group g: take row g·n + j of the samples
+        rank_in_group = torch.zeros_like(index)
+        seen = torch.zeros(G, dtype=torch.long)
+        for i, g in enumerate(index.tolist()):
+            rank_in_group[i] = seen[g]
+            seen[g] += 1
+        out = out.select((index * n + rank_in_group).to(out.mask.device))
+        out.group_index, out.prompt_ids = groups.group_index, list(groups.prompt_ids)
+        return out
 
     def _greedy_baseline(self, batch: RolloutBatch, policy) -> "torch.Tensor":
         """(B,) the reward of one greedy response per prompt, scored by the `rewards` input of the

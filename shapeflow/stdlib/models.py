@@ -29,3 +29,24 @@ def causal_lm(*, path, dtype):
     from shapeflow.runtime.models import load_policy
 
     return load_policy(path, dtype)
+
+
+@stage("models.reference", kind="model", inputs={"policy": "Model"}, output="Model", phase="setup",
+       paper="the reference (SFT) policy of RLHF; PAR (Fu et al. 2025, arXiv:2502.18770) samples its reference "
+             "responses from it")
+def reference(policy):
+    """A frozen copy of ``policy`` as it is before training: π_ref = π_θ₀.
+
+    It is never trained and never receives the policy's updates (its weights are the
+    initial ones, also on ``--resume``: setup builds it from the freshly loaded model before a
+    checkpoint restores the policy). Sample from it with ``rollouts.resample(ref, groups)``,
+    e.g. for PAR's reference responses. Costs one more copy of the weights.
+    """
+    import copy
+
+    from shapeflow.runtime.models import Policy
+
+    if not isinstance(policy, Policy) or policy.frozen:
+        raise ValueError("models.reference takes the policy the run trains (a models.causal_lm)")
+    frozen = copy.deepcopy(policy.model).eval().requires_grad_(False)
+    return Policy(frozen, policy.tokenizer, f"reference of {policy.source}", frozen=True)

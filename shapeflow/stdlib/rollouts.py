@@ -81,6 +81,43 @@ def drop_truncated(groups):
     return kept
 
 
+class ResampleParams(StageParams):
+    max_new_tokens: int = Field(32, ge=1, le=1_000_000, description="Length limit of a response, in tokens.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 disables it).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 disables it).")
+    engine: Literal["generate"] = Field("generate", description="The engine that samples (the generate engine "
+                                        "on the given model).")
+    chat: bool = Field(False, description="Format each prompt with the tokenizer's chat template.")
+
+
+@stage(
+    "rollouts.resample",
+    kind="rollout",
+    inputs={"model": "Model", "groups": "Rollouts"},
+    output="Rollouts",
+    params=ResampleParams,
+    context=True,
+    paper="Fu et al. 2025, PAR, arXiv:2502.18770 (reference responses sampled from the SFT policy)",
+)
+def resample(model, groups, *, max_new_tokens, temperature, top_p, top_k, engine, chat, ctx=None):
+    """New responses to the same prompts, sampled from ``model``, laid out row for row like ``groups``.
+
+        y'_i ~ model(· | x_i)        row i answers the prompt of row i; same groups, same order
+
+    Each group gets as many responses as it has, so a verifier or reward on the result is a
+    (B,) signal aligned with ``groups``: the reference rewards of PAR,
+    ``par.preference(r, verifiers.exact_answer(rollouts.resample(ref, groups)), groups)`` with
+    ``ref = models.reference(policy)``. Sampling is seeded per prompt and step; with several
+    processes each samples its share of the groups. The result carries text, token ids, mask
+    and task scores, not log-probs: it is for scoring, not for a loss. Needs the runtime.
+    """
+    if ctx is None:
+        raise ValueError("rollouts.resample samples from a model: it runs in training, not in replay")
+    return ctx.resample(model, groups, engine=engine, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, chat=chat)
+
+
 # --------------------------------------------------------------------------------------------
 # rollouts.reference_answers: where a reference reward can come from on a task
 # --------------------------------------------------------------------------------------------
