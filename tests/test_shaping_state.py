@@ -254,6 +254,71 @@ def test_unseen_prompts_start_at_v_init_with_n0():
     assert state["beta"]["p0"] == pytest.approx(rho * 0.75 * n0)
 
 
+def test_initialisation_pass_starts_each_prompt_at_its_success_rate():
+    """Catalog A §3: initial outcomes [1, 0, 1, 0] with n0 = 1 give N0 = 8 and V̂ = [1, 0, 1, 0]
+    (the tracker of the worked example); with two samples a prompt starts at their mean."""
+    st = default_registry()["mssr"]
+    params = st.params().model_dump()
+    state = fresh("mssr")
+    st.init(torch.tensor([1.0, 0.0, 1.0, 0.0]), mssr_batch(), **params, state=state)
+    assert state["alpha"] == catalog_tracker()["alpha"] and state["beta"] == catalog_tracker()["beta"]
+    state = fresh("mssr")
+    st.init(torch.tensor([1.0, 0.0, 0.2, 0.9]), mssr_batch(group_index=(0, 0, 1, 1)), **params, state=state)
+    assert tracked(state, ("p0", "p1")) == [0.5, 0.5] and state["alpha"]["p0"] + state["beta"]["p0"] == 8.0
+    # the run then reads those values: the worked example's first step from a fresh state
+    batch = mssr_batch(kl=0.006)
+    state = fresh("mssr")
+    st.init(torch.tensor([1.0, 0.0, 1.0, 0.0]), batch, **params, state=state)
+    state["kl_history"] = [0.004]
+    adv = call("mssr", torch.tensor([1.0, 1.0, 0.0, 0.0]), batch, state=state)
+    assert adv.tolist() == pytest.approx([0.0, 1.41421356, -1.41421356, 0.0], abs=1e-6)
+
+
+def mssr_trainer(*sets: str):
+    from pathlib import Path
+
+    from shapeflow.compiler.pipeline import build_plan, compile_spec
+    from shapeflow.runtime.trainer import Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    result = compile_spec(root / "specs" / "mssr.shape", roots=[root / "specs"],
+                          sets=["train.prompts_per_step=16", "train.eval_size=8", "prompts.size=60", *sets])
+    assert result.ok, result.diagnostics
+    _, plan = build_plan(result.program)
+    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
+    trainer.setup()
+    return trainer
+
+
+def test_the_runtime_runs_the_initialisation_pass_over_the_training_set():
+    trainer = mssr_trainer()
+    dataset = trainer.values["prompts"]
+    metrics = trainer.initialise_states()
+    state = trainer.stage_states["base"]
+    keys = {str(dataset[i].id) for i in range(len(dataset))}
+    assert set(state["alpha"]) == keys and metrics["init/base/prompts"] == len(dataset) == 60
+    assert metrics["init/base/responses"] == 60
+    # n0 = 1: every prompt starts at V̂ 0 or 1 with N0 = 8, and the pass's successes are the
+    # initial policy's: some prompts right, some wrong
+    values = sorted({round(state["alpha"][k] / 8.0, 6) for k in keys})
+    assert values == [0.0, 1.0]
+    assert all(state["alpha"][k] + state["beta"][k] == pytest.approx(8.0) for k in keys)
+    assert "kl_history" not in state  # the pass leaves the KL history alone
+    # deterministic: a second trainer's pass gives the same tracker
+    again = mssr_trainer()
+    again.initialise_states()
+    assert again.stage_states["base"]["alpha"] == state["alpha"]
+    # the first step reads the tracker: Ã = R − V̂(x) before normalisation
+    trainer.train_step(0)
+    assert set(trainer.stage_states["base"]["alpha"]) == keys
+
+
+def test_no_initialisation_pass_with_zero_samples():
+    trainer = mssr_trainer("base.init_samples=0")
+    assert trainer.initialise_states() == {}
+    assert "alpha" not in trainer.stage_states["base"] or not trainer.stage_states["base"]["alpha"]
+
+
 # --------------------------------------------------------------------------------------------
 # MSSR: state across calls, checkpoints, copies
 # --------------------------------------------------------------------------------------------
@@ -663,7 +728,8 @@ def test_verl_er_properties(inputs, placement, baseline):
     ("mssr", ["A_i  = (Ã_i − mean_B Ã) / sqrt(max(Var_B(Ã), eps))", "rho_min: number = 0.875",
               "kl_rows: one of 'unmasked', 'masked' = 'unmasked'", "rho_mapping: one of 'code', 'decreasing',"
               " 'fixed' = 'code'", "State kept across steps", "alpha", "kl_history", "arXiv:2512.18215",
-              "ruiiu/MSSR", "Not done"]),
+              "ruiiu/MSSR", "init_samples: integer = 1",
+              "Initialisation pass (before the first step; parameter init_samples)", "tracker starts at its success rate"]),
     ("mssr.entropy_shaping", ["ψ_{i,t}  = min(α · H_{i,t}, |A_{i,t}| / κ)", "alpha: number = 0.4",
                               "kappa: number = 2.0", "arXiv:2506.14758"]),
     ("mssr.token_entropy", ["H_{i,t} = −p_{i,t} · log p_{i,t}", "needs: logprobs"]),
@@ -681,3 +747,28 @@ def test_stage_doc_page(name, texts, capsys):
 def test_importing_the_stages_does_not_import_torch():
     code = "import sys, shapeflow.stdlib.shaping_state; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_run_logs_the_pass_once_and_a_resumed_run_keeps_its_tracker(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from shapeflow.cli import main
+
+    spec = Path(__file__).resolve().parents[1] / "specs" / "mssr.shape"
+
+    def run(out, steps, *extra):
+        code = main(["run", str(spec), "--steps", str(steps), "--out", str(out), "--device", "cpu",
+                     "--tracking", "jsonl", "--set", "prompts.size=40", "--set", "train.prompts_per_step=8",
+                     "--set", "train.eval_size=8", "--set", "train.checkpoint_every=1", *extra])
+        assert code == 0, capsys.readouterr().err
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    straight = run(tmp_path / "straight", 3)
+    first = straight[0]
+    assert first["step"] == -1 and first["init/base/prompts"] == 40.0 and first["init/base/seconds"] > 0
+    run(tmp_path / "resumed", 2)
+    resumed = run(tmp_path / "resumed", 3, "--resume")
+    assert sum("init/base/prompts" in r for r in resumed) == 1  # the pass ran once, before step 0
+    key = "state/base/alpha/mean"
+    assert [r[key] for r in resumed if key in r] == [r[key] for r in straight if key in r]

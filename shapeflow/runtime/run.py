@@ -219,6 +219,8 @@ def _follow(trainer, run_dir: Path, config, options: RunOptions) -> dict[str, An
             state = load_checkpoint(ckpts[-1])
             trainer.load_state_dict(state)
             start_step = state["step"]
+    if start_step == 0:
+        trainer.initialise_states()  # every process takes part (its share of the prompts)
     for step in range(start_step, config.steps):
         trainer.train_step(step)
     return {"run_dir": str(run_dir), "rank": trainer.rank, "last_step": trainer.step_index}
@@ -263,7 +265,10 @@ def _lead(trainer, program: Program, run_dir: Path, metrics_path: Path, config, 
         if start_step == 0:
             before = trainer.evaluate(size=eval_size)
             summary["eval_before"] = before
-            _append(metrics_path, {"step": -1, **before})
+            init = trainer.initialise_states()
+            if init:
+                summary["init"] = init
+            _append(metrics_path, {"step": -1, **before, **init})
         for step in range(start_step, config.steps):
             metrics = trainer.train_step(step)
             if recorder is not None:

@@ -325,11 +325,13 @@ class Trainer:
 
     @torch.no_grad()
     def complete(self, batch: RolloutBatch, policy, *, temperature: float,
-                 micro_rows: list["torch.Tensor"], baseline: bool = True) -> RolloutBatch:
+                 micro_rows: list["torch.Tensor"], baseline: bool = True, training: bool = True) -> RolloutBatch:
         """Fill the needs of the graph on a fresh batch with trainer-side forward passes.
 
         Behaviour log-probs are computed on the same micro-batches, in the same shapes, as the
-        first epoch of the update, so that the first ratio is exactly 1."""
+        first epoch of the update, so that the first ratio is exactly 1. ``training`` false: a
+        batch that is not trained on (a greedy baseline, an initialisation pass), whose
+        behaviour pass cannot come from the update's forward."""
         needs = self.program.needs
         B, T = batch.mask.shape
         batch.logprobs = torch.zeros(B, T, device=batch.mask.device)
@@ -343,7 +345,7 @@ class Trainer:
         if want_values:
             batch.extra["values"] = torch.zeros(B, T, device=batch.mask.device)
         # (skipped when the update's first forward doubles as the behaviour pass)
-        for rows in (micro_rows or [torch.arange(B)]) if not self.behaviour_from_update else []:
+        for rows in (micro_rows or [torch.arange(B)]) if not (training and self.behaviour_from_update) else []:
             rows = rows.to(batch.mask.device)
             stats = token_logprobs(model, batch.prompt_tokens[rows], batch.prompt_mask[rows],
                                    batch.response_ids[rows], batch.mask[rows], temperature=temperature,
@@ -442,7 +444,7 @@ class Trainer:
         if any("greedy_baseline" in self.program.nodes[n].needs for n in nodes):
             raise RunError("a greedy baseline cannot depend on itself")
         self.complete(greedy, policy, temperature=float(params.get("temperature", 1.0)), micro_rows=[],
-                      baseline=False)
+                      baseline=False, training=False)
         run_nodes(self.program, nodes, values, self.registry, greedy.mask, check=self._finite_signals,
                   states=self._state_copies())
         scores = values[source].float()
@@ -618,6 +620,57 @@ class Trainer:
         out = value.detach().to(torch.float64).cpu().clone()
         dist.all_reduce(out, op=ops[op])
         return out.to(device=value.device, dtype=value.dtype)
+
+    @torch.no_grad()
+    def initialise_states(self) -> dict[str, float]:
+        """Run the initialisation pass of every stateful stage that declares one (MSSR's
+        tracker starts at each prompt's success rate under the initial policy): the initial
+        policy answers every prompt of the training set ``init_samples`` times, as many responses
+        at a time as a training rollout (shared out between processes), the nodes between the
+        rollout and the stage run on them, and the stage's ``init`` writes its state. Call once,
+        before the first step of a fresh run (a resumed run has its state from the checkpoint).
+        Returns ``init/<binding>/{prompts,responses,seconds}``."""
+        metrics: dict[str, float] = {}
+        rollout = self.program.nodes[self.rollout_node]
+        params = rollout.params
+        temperature = float(params.get("temperature", 1.0))
+        data_node = next((src for _, src in rollout.inputs if self.program.nodes[src].type.base == "Dataset"), None)
+        rollouts = {n for n in self.plan.phases["rollout"] if self.program.nodes[n].type.base == "Rollouts"}
+        for node_id in self.plan.phases["rollout"]:
+            node = self.program.nodes[node_id]
+            st = self.registry[node.stage] if node.op == "stage" else None
+            if st is None or st.init is None or int(node.params[st.init_samples]) <= 0 or data_node is None:
+                continue
+            t0 = time.perf_counter()
+            samples = int(node.params[st.init_samples])
+            dataset = self.values[data_node]
+            examples = [dataset[i] for i in range(len(dataset))]
+            wanted = set().union(*(_ancestors(self.program, src, stop=rollouts) for _, src in node.inputs))
+            order = [n for n in self.plan.phases["rollout"] if n in wanted]
+            engine = self.engine(params.get("engine", "generate"), self.policy)
+            # as many responses at a time as a training rollout samples
+            chunk = max(1, self.config.prompts_per_step * int(params.get("n", 1)) // samples)
+            for start in range(0, len(examples), chunk):
+                part = examples[start:start + chunk]
+                seeds = [_seed_for(self.seed, 2**40 + node.order, start + i) for i in range(len(part))]
+                lo, hi = self.rank * len(part) // self.world, (self.rank + 1) * len(part) // self.world
+                batch = engine.generate(part[lo:hi], n=samples, max_new_tokens=params["max_new_tokens"],
+                                        temperature=temperature, top_p=params.get("top_p", 1.0),
+                                        top_k=params.get("top_k", 0), chat=bool(params.get("chat", False)),
+                                        seeds=seeds[lo:hi])
+                batch.task = dataset
+                batch = self.gather(self.complete(batch, self.policy, temperature=temperature, micro_rows=[],
+                                                  training=False))
+                values = dict(self.values)
+                values.update({n: batch for n in rollouts})
+                run_nodes(self.program, order, values, self.registry, batch.mask, check=self._finite_signals,
+                          states=self._state_copies())
+                st.init(*(values[src] for _, src in node.inputs), **node.params, state=self.stage_states[node_id])
+            binding = node.binding or node_id
+            metrics[f"init/{binding}/prompts"] = float(len(examples))
+            metrics[f"init/{binding}/responses"] = float(len(examples) * samples)
+            metrics[f"init/{binding}/seconds"] = time.perf_counter() - t0
+        return metrics
 
     # --- one step ------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:

@@ -87,6 +87,11 @@ class Stage:
     # update-phase stages: the parameter ("micro", "mini" or "global") naming the rows its
     # statistics span (functional.scope_reduce); the update loop runs a pass for wider scopes
     scope_param: str | None = None
+    # stateful stages: a pass over the whole training set before the first step. ``init`` takes
+    # the stage's inputs and keywords (and ``state``) computed on responses of the initial policy,
+    # ``init_samples`` names the parameter giving responses per prompt (0: no pass)
+    init: Callable[..., Any] | None = None
+    init_samples: str | None = None
 
     @property
     def stateful(self) -> bool:
@@ -215,6 +220,8 @@ def _build(
     state: dict[str, str] | None = None,
     provides: Iterable[str] = (),
     scope_param: str | None = None,
+    init: Callable[..., Any] | None = None,
+    init_samples: str | None = None,
 ) -> Stage:
     try:
         typed_inputs = tuple((n, parse_type(t)) for n, t in inputs.items())
@@ -237,6 +244,8 @@ def _build(
         state=tuple((state or {}).items()),
         provides=frozenset(provides),
         scope_param=scope_param,
+        init=init,
+        init_samples=init_samples,
     )
 
 
@@ -271,6 +280,16 @@ def _verify_contract(st: Stage) -> None:
         param = template_param(n)
         if param is not None and param not in st.param_names():
             raise RegistrationError(f"{where}: need '{n}' names '{param}', which is not a parameter")
+    if (st.init is None) != (st.init_samples is None):
+        raise RegistrationError(f"{where}: init and init_samples go together")
+    if st.init is not None:
+        if not st.stateful or st.phase != "rollout":
+            raise RegistrationError(f"{where}: an initialisation pass fills the state of a rollout-phase stage")
+        if st.init_samples not in st.param_names():
+            raise RegistrationError(f"{where}: init_samples '{st.init_samples}' is not a parameter")
+        init_sig = inspect.signature(st.init)
+        if list(init_sig.parameters) != list(inspect.signature(st.fn).parameters):
+            raise RegistrationError(f"{where}: init {_where(st.init)} must take the stage function's parameters")
     overlap = set(st.input_names()) & set(st.param_names())
     if overlap:
         raise RegistrationError(f"{where}: {sorted(overlap)} are both inputs and parameters")
@@ -357,6 +376,11 @@ def doc_page(st: Stage) -> str:
         for key, doc in st.state:
             lines.append(f"  {key}")
             lines.extend(textwrap.wrap(doc, 88, initial_indent="      ", subsequent_indent="      "))
+        lines.append("")
+    if st.init is not None:
+        lines.append(f"Initialisation pass (before the first step; parameter {st.init_samples}):")
+        lines.extend(textwrap.wrap(inspect.cleandoc(st.init.__doc__ or ""), 88, initial_indent="  ",
+                                   subsequent_indent="  "))
         lines.append("")
     if st.paper:
         lines.append(f"Paper: {st.paper}")

@@ -141,12 +141,33 @@ class MssrParams(StageParams):
     outcome_threshold: float = Field(0.5, ge=-1e6, le=1e6, description="The tracker counts a response as a "
                                      "success when its reward is > this (the code binarises at 0.5); the "
                                      "advantage uses the raw reward.")
+    init_samples: int = Field(1, ge=0, le=4096, description="n0: responses per prompt of the initialisation "
+                              "pass, in which the initial policy answers every prompt of the training set before "
+                              "the first step and each prompt starts at its success rate (mvsr_n_init 1); 0 skips "
+                              "the pass and every prompt starts at v_init.")
 
     @model_validator(mode="after")
     def _range(self):
         if self.rho_min > self.rho_max:
             raise ValueError("rho_min must be at most rho_max")
         return self
+
+
+def mssr_init(rewards, groups, *, rho_min, rho_max, kl_target, kl_window, rho_mapping, v_init, eps, normalize,
+              estimator, kl_rows, outcome_threshold, init_samples, state):
+    """The initial policy answers every training prompt init_samples times; each prompt's
+    tracker starts at its success rate v0 = mean of 1[R > outcome_threshold]: a = N0·v0,
+    b = N0·(1 − v0), N0 = 1/(1 − ρ_min) (the official trainer's initialisation, catalog A §3).
+    Prompts the pass did not reach start at v_init."""
+    alpha: dict[str, float] = state.setdefault("alpha", {})
+    beta: dict[str, float] = state.setdefault("beta", {})
+    n0 = 1.0 / (1.0 - rho_min)
+    wins: dict[str, list[float]] = {}
+    for key, success in zip((str(p) for p in groups.prompt_ids), (rewards > outcome_threshold).tolist()):
+        wins.setdefault(key, []).append(1.0 if success else 0.0)
+    for key, outcomes in wins.items():
+        v0 = sum(outcomes) / len(outcomes)
+        alpha[key], beta[key] = n0 * v0, n0 * (1.0 - v0)
 
 
 @stage(
@@ -157,6 +178,8 @@ class MssrParams(StageParams):
     params=MssrParams,
     needs=("logprobs", "ref_logprobs"),
     paper=_MSSR_PAPER,
+    init=mssr_init,
+    init_samples="init_samples",
     state={
         "alpha": "per-prompt a of the Beta(a, b) value tracker, keyed by the prompt id",
         "beta": "per-prompt b of the Beta(a, b) value tracker, keyed by the prompt id",
@@ -165,7 +188,7 @@ class MssrParams(StageParams):
     },
 )
 def mssr(rewards, groups, *, rho_min, rho_max, kl_target, kl_window, rho_mapping, v_init, eps, normalize,
-         estimator, kl_rows, outcome_threshold, state):
+         estimator, kl_rows, outcome_threshold, init_samples, state):
     """MSSR's single-rollout advantage: the reward against a per-prompt Beta value tracker.
 
         V̂(x) = a(x) / (a(x) + b(x))                       read *before* this batch updates it
@@ -174,7 +197,11 @@ def mssr(rewards, groups, *, rho_min, rho_max, kl_target, kl_window, rho_mapping
         then, once per response in batch order:
         o_i = [R_i > 0.5];   a(x_i) ← ρ·a(x_i) + o_i;   b(x_i) ← ρ·b(x_i) + (1 − o_i)
 
-    A prompt never seen starts at a = v_init·N0, b = (1 − v_init)·N0 with N0 = 1/(1 − ρ_min).
+    Before the first step the runtime runs the initialisation pass (``mssr_init``, as the
+    official trainer's Algorithm 2): the initial policy answers every training prompt
+    init_samples (n0) times and each prompt starts at its success rate, a = N0·v0,
+    b = N0·(1 − v0), N0 = 1/(1 − ρ_min). A prompt the pass did not see (init_samples = 0, or
+    a prompt outside the training set) starts at a = v_init·N0, b = (1 − v_init)·N0.
     ρ comes from the KL to the reference (``mssr_rho``): this step's KL,
     KL_t = mean_i [ Σ_t k3(log π_old − log π_ref)_{i,t} / |o_i| ], is appended to the history
     first, then ρ = f(mean of the last 10). Meant for one rollout per prompt (rollout n = 1,
@@ -190,12 +217,9 @@ def mssr(rewards, groups, *, rho_min, rho_max, kl_target, kl_window, rho_mapping
     divides by zero), and a non-finite KL is not added to the history (the code would carry a
     NaN into ρ and every tracked value).
 
-    Not done: the official trainer first runs the initial policy over the whole dataset
-    (Algorithm 2, n0 rollouts per prompt) and starts each prompt at its observed success rate;
-    a stage cannot run rollouts over the dataset, so every prompt starts at v_init (the code's
-    fallback for prompts missing from that pass). A tracker can be seeded by loading a state
-    (``replay --state`` / a checkpoint). The optional per-prompt ρ = 2^(−D/D_half) (off in the
-    release) is not implemented.
+    A tracker can also be seeded by loading a state (``replay --state`` / a checkpoint; a
+    resumed run keeps its tracker and does not run the pass again). The optional per-prompt
+    ρ = 2^(−D/D_half) (off in the release) is not implemented.
 
     The tracker (``alpha``, ``beta``, keyed by the prompt id as a string), the KL history and ρ
     are the stage's state: saved in checkpoints, restored on --resume, logged as
