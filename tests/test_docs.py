@@ -223,3 +223,41 @@ def test_human_and_github_examples_are_real_output(tmp_path, monkeypatch):
     human = render_human(compiled.diagnostics, compiled.sources) + "\n" + summary(compiled.diagnostics) + "\n"
     assert _example_after("`--format human` (the default)") == human
     assert _example_after("`--format github`") == render_github(compiled.diagnostics) + "\n"
+
+
+# --- README: the table of methods ----------------------------------------------------------------
+
+README = DOC.parents[1] / "README.md"
+SHARED_STAGES = {"models.causal_lm", "tasks.arithmetic", "rollouts.sample", "verifiers.exact_answer"}
+BASIC_NEEDS = {"prompt", "answer", "response", "response_ids", "logprobs", "policy_logprobs"}
+
+
+def _methods_rows() -> list[tuple[str, list[str], list[str]]]:
+    """(spec path, stages, needs) of every row of README's methods table."""
+    text = README.read_text(encoding="utf-8")
+    section = re.search(r"^## Methods in the library\n(.*?)(?=^## |\Z)", text, re.M | re.S).group(1)
+    rows = []
+    for line in section.splitlines():
+        m = re.match(r"\| [^|]+ \| [^|]+ \| (?P<stages>[^|]+) \| \[`(?P<spec>[^`]+)`\]\([^)]+\) \| [^|]+ \| "
+                     r"(?P<needs>[^|]+) \|$", line)
+        if m:
+            names = lambda cell: re.findall(r"`([^`]+)`", cell)  # noqa: E731
+            rows.append((m["spec"], names(m["stages"]), names(m["needs"])))
+    return rows
+
+
+def test_the_methods_table_lists_every_spec_with_its_stages_and_needs():
+    root = README.parent
+    rows = _methods_rows()
+    specs = sorted(str(p.relative_to(root)) for p in (root / "specs").rglob("*.shape"))
+    assert sorted(spec for spec, _, _ in rows) == specs
+    for spec, stages, needs in rows:
+        result = compile_spec(root / spec, roots=[root / "specs"])
+        assert result.ok, spec
+        program = result.program
+        used = []
+        for node in sorted(program.nodes.values(), key=lambda n: n.order):
+            if node.op == "stage" and node.stage not in SHARED_STAGES and node.stage not in used:
+                used.append(node.stage)
+        assert sorted(stages) == sorted(used), spec
+        assert sorted(needs) == sorted(set(program.needs) - BASIC_NEEDS), spec
