@@ -690,3 +690,37 @@ def test_steer_global_scope_takes_the_range_over_the_whole_batch_under_the_curre
     for (keys, values), (lo, hi) in zip(seen, expected):
         assert keys == ["steer.omega_min", "steer.omega_max"]
         assert values == pytest.approx([lo, hi], rel=1e-4, abs=1e-7)
+
+
+def test_ucas_spec_pads_to_the_length_limit_and_sums_self_certainty_over_every_position():
+    """verl pads every response to max_response_length and UCAS sums the self-certainty over all
+    of those positions: specs/ucas.shape pads to max_new_tokens, and the behaviour pass computes
+    the self-certainty at every one of them (padding included), as one full forward does."""
+    from pathlib import Path
+
+    from shapeflow.compiler.pipeline import build_plan, compile_spec
+    from shapeflow.runtime.trainer import Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    result = compile_spec(root / "specs" / "ucas.shape", roots=[root / "specs"],
+                          sets=["train.prompts_per_step=4", "group_size=4", "train.eval_size=8"])
+    assert result.ok
+    _, plan = build_plan(result.program)
+    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
+    trainer.setup()
+    import copy
+
+    behaviour = copy.deepcopy(trainer.policy.model)  # the weights that sampled the batch
+    trainer.train_step(0)
+    batch = trainer.last_batch
+    assert batch.mask.shape[1] == 5 and batch.extra["self_certainty"].shape == (16, 5)
+    assert bool((batch.mask.sum(-1) < 5).any())  # some responses end early: padding is summed
+    P = batch.prompt_tokens.shape[1]
+    attention = torch.cat([batch.prompt_mask, batch.mask.to(batch.prompt_mask.dtype)], dim=1)
+    positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = behaviour(input_ids=torch.cat([batch.prompt_tokens, batch.response_ids], dim=1),
+                                      attention_mask=attention, position_ids=positions).logits[:, P - 1:-1]
+    z = logits.float()  # temperature 1
+    expected = torch.logsumexp(z, -1) - z.mean(-1)
+    assert torch.allclose(batch.extra["self_certainty"], expected, atol=1e-4, rtol=1e-5)

@@ -125,6 +125,26 @@ class RolloutBatch:
         )
 
 
+def pad_responses(batch: RolloutBatch, width: int, pad_id: int) -> RolloutBatch:
+    """``batch`` with its response tensors right-padded to ``width`` tokens (padding: mask 0,
+    token ``pad_id``, 0 elsewhere), as trainers that pad every response to the length limit
+    lay out a batch (verl's max_response_length). Fields already wider stay as they are."""
+    T = batch.mask.shape[1]
+    if width <= T:
+        return batch
+
+    def right(x, value=0):
+        if x is None or not hasattr(x, "dim") or x.dim() < 2 or x.shape[1] != T:
+            return x
+        return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - T), value=value)
+
+    return replace(
+        batch, mask=right(batch.mask), response_ids=right(batch.response_ids, pad_id), logprobs=right(batch.logprobs),
+        ref_logprobs=right(batch.ref_logprobs), entropy=right(batch.entropy),
+        extra={k: right(v) for k, v in batch.extra.items()},
+    )
+
+
 def concat_batches(batches: list[RolloutBatch]) -> RolloutBatch:
     """Batches of different steps' rounds as one: rows in order, response tensors right-padded
     (and prompt tensors left-padded) to the widest, groups renumbered 0..G−1 so that groups of

@@ -31,6 +31,11 @@ class SampleParams(StageParams):
     engine: Literal["generate", "vllm"] = Field("generate", description="The rollout engine.")
     chat: bool = Field(False, description="Format each prompt as one user turn with the tokenizer's chat "
                        "template (for instruct models); false feeds the prompt text as it is.")
+    pad_to: Literal["longest", "max_new_tokens"] = Field(
+        "longest", description="Width of the batch's response tensors: the longest response of the step, or "
+        "max_new_tokens for every step as verl pads (max_response_length). Only statistics that read padding "
+        "positions see a difference (UCAS's certainty summed over every position); the longer width costs "
+        "compute in every pass.")
 
 
 @stage(
@@ -43,7 +48,7 @@ class SampleParams(StageParams):
     engine_param="engine",
     context=True,
 )
-def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, engine, chat, ctx):
+def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, engine, chat, pad_to, ctx):
     """Sample ``n`` responses for each prompt of the step; responses of one prompt form a group.
 
     Records the sampled tokens, their behaviour log-probs (at ``temperature``, exactly as the
@@ -54,6 +59,10 @@ def sample(policy, prompts, *, n, max_new_tokens, temperature, top_p, top_k, eng
         examples, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, chat=chat,
         logprobs=ctx.wants("rollout_logprobs"), seeds=ctx.seeds,
     )
+    if pad_to == "max_new_tokens":
+        from shapeflow.runtime.batch import pad_responses
+
+        batch = pad_responses(batch, max_new_tokens, policy.pad_token_id)
     batch.task = prompts
     return ctx.complete(batch, policy, temperature=temperature)
 

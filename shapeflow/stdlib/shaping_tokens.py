@@ -111,8 +111,8 @@ def ucas(rewards, groups, *, beta_pos, beta_neg, alpha, eps, norm_by_std, certai
     * C_i sums ``self_certainty`` over *all* positions of the padded row, with no mask, so the
       values at padding positions count (``certainty_mask = "valid"`` sums the response tokens
       only). verl pads every row to data.max_response_length; shapeflow's rollout pads to the
-      longest response of the batch, so with the default the two agree only when some response
-      of the batch reaches the length limit (the runtime's padding, not this stage, decides).
+      longest response of the batch unless it is told ``pad_to = "max_new_tokens"`` (as
+      specs/ucas.shape does), which gives the code's positions exactly.
     * C_i is a sum, so longer responses look "more confident" after the z-score
       (``certainty_agg = "mean"`` divides by the number of positions summed).
     * The min–max of ℓ is batch-global (all prompts), over the valid tokens: the stage runs once
