@@ -669,8 +669,8 @@ def test_steer_global_scope_takes_the_range_over_the_whole_batch_under_the_curre
     seen, expected = [], []
     original = Trainer._scope_statistics
 
-    def spy(self, batch, rows, rollout_values, epoch, scope):
-        assert sorted(torch.cat(rows).tolist()) == list(range(batch.size))
+    def spy(self, batch, minibatches, rollout_values, epoch, scope):
+        assert sorted(torch.cat([r for m in minibatches for r in m]).tolist()) == list(range(batch.size))
         with torch.no_grad():
             current = token_logprobs(self.model, batch.prompt_tokens, batch.prompt_mask, batch.response_ids,
                                      batch.mask, temperature=1.0).logprobs
@@ -680,7 +680,7 @@ def test_steer_global_scope_takes_the_range_over_the_whole_batch_under_the_curre
             omega = (adv[:, None] / old * x * (1 - x) * (x.log() + batch.entropy)).abs()
             valid = batch.mask > 0
             expected.append((omega[valid].min().item(), omega[valid].max().item()))
-        stats = original(self, batch, rows, rollout_values, epoch, scope)
+        stats = original(self, batch, minibatches, rollout_values, epoch, scope)
         seen.append((stats.keys, [v.item() for v in stats.values]))
         return stats
 

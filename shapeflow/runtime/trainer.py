@@ -512,8 +512,8 @@ class Trainer:
                 # processes): the shares below add up to the minibatch's loss exactly
                 scope = self._aggregation_scope(batch, minibatch)
                 # a loss whose statistics span the minibatch or the batch: collected first
-                stats_rows = minibatch if self.stats_scope == "mini" else [r for m in minibatches for r in m]
-                scope_stats = (self._scope_statistics(batch, stats_rows, rollout_values, epoch, scope)
+                spanned = [minibatch] if self.stats_scope == "mini" else minibatches
+                scope_stats = (self._scope_statistics(batch, spanned, rollout_values, epoch, scope)
                                if self.stats_scope != "micro" else None)
                 minibatch = self._my_rows(minibatch)
                 shares: dict[str, float] = {}
@@ -598,14 +598,15 @@ class Trainer:
         return mb, mb_values, stats
 
     @torch.no_grad()
-    def _scope_statistics(self, batch: RolloutBatch, rows: list["torch.Tensor"], rollout_values: dict[str, Any],
-                          epoch: int, scope: tuple[float, float, float]) -> ScopeStatistics:
-        """The statistics that update-phase losses take over ``rows`` (a minibatch or the whole
-        batch) under the current weights: the update nodes run without gradient over this
-        process's share of the rows, in micro-batches of the update's size, and every
-        ``scope_reduce`` value is combined over them and over the processes."""
+    def _scope_statistics(self, batch: RolloutBatch, minibatches: list[list["torch.Tensor"]],
+                          rollout_values: dict[str, Any], epoch: int,
+                          scope: tuple[float, float, float]) -> ScopeStatistics:
+        """The statistics that update-phase losses take over ``minibatches`` (the current one, or
+        all of the epoch) under the current weights: the update nodes run without gradient over
+        this process's micro-batches of them (the update's own), and every ``scope_reduce``
+        value is combined over them and over the processes."""
         stats = ScopeStatistics()
-        for micro in self._my_rows(rows):
+        for micro in (rows for m in minibatches for rows in self._my_rows(m)):
             _, mb_values, _ = self._micro_values(batch, micro, rollout_values, epoch)
             with aggregation_scope(*scope), scope_statistics(stats):
                 run_nodes(self.program, list(self.plan.phases["update"]), mb_values, self.registry,
