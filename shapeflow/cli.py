@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -164,6 +162,9 @@ def cmd_graph(args) -> int:
         sys.stdout.write(text)
         return EXIT_OK
     if image:
+        import shutil
+        import subprocess
+
         dot = shutil.which("dot")
         if dot is None:
             print(f"shapeflow graph: rendering {out.suffix} needs graphviz's `dot`, which is not installed.\n"

@@ -10,16 +10,16 @@ import importlib
 import json
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from shapeflow._cache import cache_root, write_atomic
+from shapeflow._record import Record, record
 
 ENTRY_POINT_GROUP = "shapeflow.stages"
 
 
-@dataclass(frozen=True)
-class EntryPoint:
+@record
+class EntryPoint(Record):
     """``name = module:attr`` from an ``entry_points.txt`` (what importlib's EntryPoint loads)."""
 
     name: str

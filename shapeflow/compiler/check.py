@@ -16,20 +16,21 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from shapeflow._record import Record, record
 from shapeflow.compiler import types as T
 from shapeflow.compiler.resolve import COMMAND_LINE, Resolved
 from shapeflow.config import CONFIG_BLOCKS
 from shapeflow.dsl import ast
 from shapeflow.dsl.diagnostics import Diagnostics, Span
 from shapeflow.stdlib.needs import need_info, provided_by_trainer, resolve_needs
-from shapeflow.stdlib.params import bounds, type_words
+from shapeflow.stdlib.params import bounds, quick_instance, quick_validate, type_words
 from shapeflow.stdlib.registry import Registry, Stage
 
 OPS = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
 
 
-@dataclass(frozen=True)
-class Node:
+@record
+class Node(Record):
     """One stage instance or operator. ``inputs`` maps argument names to producing node ids;
     ``params`` holds validated stage parameters, or an operator's constant operands."""
 
@@ -71,14 +72,14 @@ class Program:
         return next((self.bindings[n] for n, i in self.bindings.items() if self.nodes[i].kind == "objective"), None)
 
 
-@dataclass(frozen=True)
-class _Const:
+@record
+class _Const(Record):
     value: Any
     type: T.Type
 
 
-@dataclass(frozen=True)
-class _Ref:
+@record
+class _Ref(Record):
     node: str
     type: T.Type
 
@@ -437,6 +438,9 @@ class Checker:
                          notes: dict[str, str] | None = None):
         """Validate with the pydantic model; each error points at the offending value."""
         values = {k: v for k, (v, _) in given.items()}
+        quick = quick_validate(model, values)  # no pydantic schema for what is surely valid
+        if quick is not None:
+            return quick
         try:
             return model.model_validate(values).model_dump()
         except ValidationError as exc:
@@ -546,7 +550,8 @@ class Checker:
             validated = self._validate_params(model, given, Span.whole_file(self.r.file), f"the {block} block",
                                               f"{block}.{{}}")
             if validated is not None and ok:
-                out[block] = model.model_validate(validated)
+                instance = quick_instance(model, validated)  # None: pydantic decides, as before
+                out[block] = instance if instance is not None else model.model_validate(validated)
         return out
 
     def _check_unused(self) -> None:

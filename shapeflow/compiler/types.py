@@ -14,7 +14,8 @@ polymorphic ("either level; the output takes the finest level of its ``*`` input
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from shapeflow._record import Record, record
 
 LEVELS = ("seq", "tok")
 LEVELLED = ("Signal", "Advantage")
@@ -33,8 +34,8 @@ KIND_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Type:
+@record(slots=True)
+class Type(Record):
     base: str
     level: str | None = None  # "seq", "tok" or "*" (declarations only) for Signal/Advantage
 

@@ -6,9 +6,9 @@ trees up front instead of recursing into them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Union
 
+from shapeflow._record import Record, record
 from shapeflow.dsl.diagnostics import Span
 
 BINDING_KINDS = ("model", "data", "rollout", "verify", "reward", "advantage", "objective")
@@ -19,29 +19,29 @@ HEADER_KEYS = ("title", "cite", "extends")
 # --- expressions -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Number:
+@record(slots=True)
+class Number(Record):
     value: int | float
     span: Span
     depth: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class String:
+@record(slots=True)
+class String(Record):
     value: str
     span: Span
     depth: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Bool:
+@record(slots=True)
+class Bool(Record):
     value: bool
     span: Span
     depth: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class NoneLit:
+@record(slots=True)
+class NoneLit(Record):
     span: Span
     depth: int = 1
 
@@ -50,15 +50,15 @@ class NoneLit:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class ListLit:
+@record(slots=True)
+class ListLit(Record):
     items: tuple["Expr", ...]
     span: Span
     depth: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Name:
+@record(slots=True)
+class Name(Record):
     """A reference to a binding or a param; dotted only by mistake (``a.b`` is not a value)."""
 
     id: str
@@ -66,16 +66,16 @@ class Name:
     depth: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Kwarg:
+@record(slots=True)
+class Kwarg(Record):
     name: str
     value: "Expr"
     span: Span
     name_span: Span
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
+@record(slots=True)
+class Call(Record):
     """``stage.name(args..., key = value...)``; ``a |> f(x)`` is parsed as ``f(a, x)``."""
 
     func: str
@@ -87,8 +87,8 @@ class Call:
     piped: bool = False  # the first positional argument came from ``|>``
 
 
-@dataclass(frozen=True, slots=True)
-class BinOp:
+@record(slots=True)
+class BinOp(Record):
     op: str  # one of + - * /
     left: "Expr"
     right: "Expr"
@@ -97,15 +97,15 @@ class BinOp:
     depth: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Neg:
+@record(slots=True)
+class Neg(Record):
     operand: "Expr"
     span: Span
     depth: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Invalid:
+@record(slots=True)
+class Invalid(Record):
     """Stands in for an expression already reported (for example one nested too deeply),
     so that later passes neither recurse into it nor report it again."""
 
@@ -120,32 +120,32 @@ Expr = Union[Number, String, Bool, NoneLit, ListLit, Name, Call, BinOp, Neg, Inv
 # --- statements --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class HeaderEntry:
+@record(slots=True)
+class HeaderEntry(Record):
     key: str
     value: Expr
     span: Span
     key_span: Span
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+@record(slots=True)
+class Header(Record):
     name: str
     entries: tuple[HeaderEntry, ...]
     span: Span
     name_span: Span
 
 
-@dataclass(frozen=True, slots=True)
-class Param:
+@record(slots=True)
+class Param(Record):
     name: str
     value: Expr
     span: Span
     name_span: Span
 
 
-@dataclass(frozen=True, slots=True)
-class Binding:
+@record(slots=True)
+class Binding(Record):
     kind: str
     name: str
     value: Expr
@@ -154,16 +154,16 @@ class Binding:
     kind_span: Span
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigEntry:
+@record(slots=True)
+class ConfigEntry(Record):
     key: str
     value: Expr
     span: Span
     key_span: Span
 
 
-@dataclass(frozen=True, slots=True)
-class Config:
+@record(slots=True)
+class Config(Record):
     block: str  # "train" or "track"
     entries: tuple[ConfigEntry, ...]
     span: Span
@@ -172,8 +172,8 @@ class Config:
 Statement = Union[Param, Binding, Config]
 
 
-@dataclass(frozen=True, slots=True)
-class Spec:
+@record(slots=True)
+class Spec(Record):
     file: str
     header: Header | None
     statements: tuple[Statement, ...]

@@ -14,13 +14,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
+from shapeflow._record import Record, record
+
 Severity = Literal["error", "warning"]
 
 MAX_SHOWN = 50  # per file in the human format; the rest are counted ("... and N more")
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
+@record(slots=True)
+class Span(Record):
     """A source range: 1-based line and column, end column exclusive."""
 
     file: str
@@ -43,8 +45,8 @@ class Span:
         return Span(self.file, self.line, self.column, other.end_line, other.end_column)
 
 
-@dataclass(frozen=True, slots=True)
-class Diagnostic:
+@record(slots=True)
+class Diagnostic(Record):
     span: Span
     severity: Severity
     code: str

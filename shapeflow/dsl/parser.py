@@ -1,4 +1,5 @@
-"""Text → AST. The grammar lives in ``shape.lark``; this module only builds nodes with spans.
+"""Text → AST. The grammar lives in ``shape.lark``; the lark parser and the transformer that
+builds nodes with spans live in :mod:`shapeflow.dsl.builder` (imported on the first parse).
 
 The AST is built by an inline transformer while the LALR parser reduces, so no pass recurses
 over the parse tree and a deeply nested expression cannot overflow the Python stack. Syntax
@@ -8,15 +9,15 @@ errors become diagnostics in plain words; nothing here evaluates the text.
 from __future__ import annotations
 
 import difflib
-import threading
 from functools import lru_cache
 from pathlib import Path
-
-from lark import Lark, Token, Transformer
-from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+from typing import TYPE_CHECKING
 
 from shapeflow.dsl import ast
 from shapeflow.dsl.diagnostics import Diagnostics, Span
+
+if TYPE_CHECKING:  # lark itself is imported on the first parse (shapeflow.dsl.builder)
+    from lark.exceptions import UnexpectedInput
 
 GRAMMAR = Path(__file__).with_name("shape.lark")
 MAX_DEPTH = 200  # deepest expression accepted; deeper ones are reported, not recursed into
@@ -53,227 +54,30 @@ def _word(terminal: str) -> str:
     return f"'{terminal.lower()}'"  # anonymous keywords: SPEC, PARAM, MODEL, TRUE, ...
 
 
-
-
-class _Error(Exception):
-    """A semantic problem noticed while building the AST (bad escape, huge number)."""
-
-    def __init__(self, span: Span, code: str, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.span, self.code, self.message, self.hint = span, code, message, hint
-
-
-_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r", "0": "\0"}
-
-
-class _Builder(Transformer):
-    """Builds AST nodes bottom-up while the parser reduces (``transformer=`` on Lark)."""
-
-    def __init__(self, file: str):
-        super().__init__()
-        self.file = file
-
-    # --- helpers
-    def _span(self, tok: Token) -> Span:
-        return Span(self.file, tok.line, tok.column, tok.end_line, tok.end_column)
-
-    # --- literals and names
-    def number(self, children):
-        (tok,) = children
-        text = str(tok)
-        span = self._span(tok)
-        if any(c in text for c in ".eE"):
-            value = float(text)
-            if value in (float("inf"), float("-inf")):
-                raise _Error(span, "E104", f"number {text} is too large for a float")
-            return ast.Number(value, span)
-        if len(text) > 300:  # beyond any float; Python refuses to parse > 4300 digits anyway
-            raise _Error(span, "E104", f"number with {len(text)} digits is too large")
-        return ast.Number(int(text), span)
-
-    def string(self, children):
-        (tok,) = children
-        return ast.String(self._decode(tok), self._span(tok))
-
-    def _decode(self, tok: Token) -> str:
-        raw = str(tok)[1:-1]
-        if "\\" not in raw:
-            return raw
-        out, i = [], 0
-        while i < len(raw):
-            ch = raw[i]
-            if ch != "\\":
-                out.append(ch)
-                i += 1
-                continue
-            esc = raw[i + 1]
-            col = tok.column + 1 + i
-            if esc in _ESCAPES:
-                out.append(_ESCAPES[esc])
-                i += 2
-            elif esc == "u" and len(raw) >= i + 6 and all(c in "0123456789abcdefABCDEF" for c in raw[i + 2 : i + 6]):
-                code = int(raw[i + 2 : i + 6], 16)
-                if 0xD800 <= code <= 0xDFFF:
-                    span = Span(self.file, tok.line, col, tok.line, col + 6)
-                    raise _Error(span, "E102", f"'\\u{raw[i + 2 : i + 6]}' is a surrogate, not a character")
-                out.append(chr(code))
-                i += 6
-            elif esc == "u":
-                span = Span(self.file, tok.line, col, tok.line, col + 2)
-                raise _Error(span, "E102", "'\\u' needs four hex digits, e.g. \\u00e9")
-            else:
-                span = Span(self.file, tok.line, col, tok.line, col + 2)
-                raise _Error(
-                    span,
-                    "E102",
-                    f"unknown escape '\\{esc}' in string",
-                    'escapes are \\" \\\\ \\n \\t \\r \\0 and \\uXXXX',
-                )
-        return "".join(out)
-
-    def true(self, children):
-        return ast.Bool(True, self._span(children[0]))
-
-    def false(self, children):
-        return ast.Bool(False, self._span(children[0]))
-
-    def none(self, children):
-        return ast.NoneLit(self._span(children[0]))
-
-    def dotted_name(self, children):
-        first, last = children[0], children[-1]
-        return ".".join(str(t) for t in children), Span(
-            self.file, first.line, first.column, last.end_line, last.end_column
-        )
-
-    def name(self, children):
-        ((text, span),) = children
-        return ast.Name(text, span)
-
-    def list(self, children):
-        lsqb, *items, rsqb = children
-        items = tuple(i for i in items if i is not None)
-        depth = 1 + max((i.depth for i in items), default=0)
-        return ast.ListLit(items, self._span(lsqb).to(self._span(rsqb)), depth)
-
-    def paren(self, children):
-        _, inner, _ = children
-        return inner
-
-    # --- calls and operators
-    def kwarg(self, children):
-        name, value = children
-        name_span = self._span(name)
-        return ast.Kwarg(str(name), value, name_span.to(value.span), name_span)
-
-    def call(self, children):
-        (func, func_span), _lpar, *arguments, rpar = children
-        arguments = [a for a in arguments if a is not None]
-        args = tuple(a for a in arguments if not isinstance(a, ast.Kwarg))
-        kwargs = tuple(a for a in arguments if isinstance(a, ast.Kwarg))
-        seen_kw = False
-        for a in arguments:
-            seen_kw = seen_kw or isinstance(a, ast.Kwarg)
-            if seen_kw and not isinstance(a, ast.Kwarg):
-                raise _Error(a.span, "E100", "positional argument after a keyword argument",
-                             "put positional arguments first: f(a, b, key = value)")
-        depth = 1 + max([a.depth for a in args] + [k.value.depth for k in kwargs], default=0)
-        return ast.Call(func, args, kwargs, func_span.to(self._span(rpar)), func_span, depth)
-
-    def pipe(self, children):
-        left, _op, call = children
-        return ast.Call(
-            call.func,
-            (left,) + call.args,
-            call.kwargs,
-            left.span.to(call.span),
-            call.func_span,
-            1 + max(left.depth, call.depth),
-            piped=True,
-        )
-
-    def binop(self, children):
-        left, op, right = children
-        return ast.BinOp(
-            str(op), left, right, left.span.to(right.span), self._span(op), 1 + max(left.depth, right.depth)
-        )
-
-    def neg(self, children):
-        op, operand = children
-        return ast.Neg(operand, self._span(op).to(operand.span), 1 + operand.depth)
-
-    # --- statements
-    def kind(self, children):
-        return children[0]  # the keyword token itself
-
-    block_name = kind
-
-    def param(self, children):
-        name, value = children
-        return ast.Param(str(name), value, self._span(name).to(value.span), self._span(name))
-
-    def binding(self, children):
-        kind, name, value = children
-        return ast.Binding(
-            str(kind), str(name), value, self._span(kind).to(value.span), self._span(name), self._span(kind)
-        )
-
-    def config_entry(self, children):
-        key, value = children[0], children[1]
-        return ast.ConfigEntry(str(key), value, self._span(key).to(value.span), self._span(key))
-
-    header_entry = config_entry
-
-    def config(self, children):
-        block, _lbrace, *entries, rbrace = children
-        return ast.Config(str(block), tuple(entries), self._span(block).to(self._span(rbrace)))
-
-    def header(self, children):
-        name, _lbrace, *entries, rbrace = children
-        entries = tuple(ast.HeaderEntry(e.key, e.value, e.span, e.key_span) for e in entries)
-        span = self._span(name).to(self._span(rbrace))
-        return ast.Header(str(name), entries, span, self._span(name))
-
-    def start(self, children):
-        header = children[0] if children and isinstance(children[0], ast.Header) else None
-        statements = tuple(c for c in children if not isinstance(c, ast.Header))
-        return header, statements
-
-
 @lru_cache(maxsize=1)
 def parser_fingerprint() -> bytes:
     """Bytes that change whenever parsing could give another result: lark's version, the
-    grammar and the source of the modules that build the AST (keys the on-disk parse cache)."""
-    import hashlib
+    grammar and the source of the modules that build the AST (keys the on-disk parse cache).
 
-    import lark
+    lark's version is read from its ``__init__.py`` (which sets ``__version__``) without importing
+    lark, so a check answered from the parse cache never imports it."""
+    import hashlib
+    import importlib.util
 
     from shapeflow.dsl import ast as ast_module
     from shapeflow.dsl import diagnostics
 
-    h = hashlib.sha256(lark.__version__.encode())
-    for source in (GRAMMAR, Path(__file__), Path(ast_module.__file__), Path(diagnostics.__file__)):
+    lark_spec = importlib.util.find_spec("lark")
+    h = hashlib.sha256(Path(lark_spec.origin).read_bytes() if lark_spec and lark_spec.origin else b"no lark")
+    for source in (GRAMMAR, Path(__file__), Path(__file__).with_name("builder.py"), Path(ast_module.__file__),
+                   Path(diagnostics.__file__)):
         h.update(source.read_bytes())
     return h.digest()
 
 
-_BUILDER = _Builder("<spec>")
-_LOCK = threading.Lock()
-
-
-@lru_cache(maxsize=1)
-def _parser() -> Lark:
-    return Lark(
-        GRAMMAR.read_text(encoding="utf-8"),
-        parser="lalr",
-        lexer="contextual",
-        maybe_placeholders=False,
-        transformer=_BUILDER,  # build the AST during reduction: no recursion over a tree
-        cache=True,  # the LALR tables, keyed by grammar + lark version, in the temp dir
-    )
-
-
 def _syntax_error(exc: UnexpectedInput, file: str, text: str, diags: Diagnostics) -> None:
+    from lark.exceptions import UnexpectedCharacters, UnexpectedToken
+
     line, col = exc.line if exc.line > 0 else 1, exc.column if exc.column > 0 else 1
     if isinstance(exc, UnexpectedCharacters):
         char = text[exc.pos_in_stream] if 0 <= exc.pos_in_stream < len(text) else ""
@@ -334,10 +138,14 @@ def parse(text: str, file: str, diags: Diagnostics) -> ast.Spec | None:
         diags.error(Span.whole_file(file), "E108", "spec is empty",
                     "a spec needs at least a rollout and an objective; see docs/language.md")
         return None
+    from lark.exceptions import UnexpectedInput, VisitError
+
+    from shapeflow.dsl.builder import BUILDER, LOCK, _Error, parser
+
     try:
-        with _LOCK:
-            _BUILDER.file = file
-            header, statements = _parser().parse(text)
+        with LOCK:
+            BUILDER.file = file
+            header, statements = parser().parse(text)
     except _Error as exc:
         diags.error(exc.span, exc.code, exc.message, exc.hint)
         return None

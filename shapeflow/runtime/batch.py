@@ -11,14 +11,10 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from shapeflow._lazy import torch
-from shapeflow.stdlib.needs import need_info
+from shapeflow.stdlib.needs import MissingNeed, need_info
 
 if TYPE_CHECKING:
     from torch import Tensor
-
-
-class MissingNeed(LookupError):
-    """A stage asked the batch for something this rollout did not record."""
 
 
 @dataclass

@@ -8,11 +8,16 @@ them). Engines declare which needs they provide; the trainer provides the update
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from shapeflow._record import Record, record
 
 
-@dataclass(frozen=True)
-class Need:
+class MissingNeed(LookupError):
+    """A stage asked the batch for something this rollout did not record (raised by
+    ``RolloutBatch``; defined here so that stage modules need not import the runtime)."""
+
+
+@record
+class Need(Record):
     name: str
     level: str  # "seq" (one per response), "tok" (one per token) or "vec" (a vector per token)
     field: str  # where `--record` writes it and `replay` reads it; "extra.X" lives under `extra`

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from shapeflow._record import Record, record
 from shapeflow.plugins import ENTRY_POINT_GROUP, plugin_entry_points
 from shapeflow.compiler.types import Type, parse_type
 from shapeflow.stdlib.needs import NEEDS, template_param
@@ -56,7 +57,9 @@ class StageParams(BaseModel):
     """Base of every stage's parameter model: unknown keys and loose types are errors."""
 
     # defer_build: the validation schema is built on first use, so listing or checking a few
-    # stages does not pay for all of them at import (`shapeflow check` startup).
+    # stages does not pay for all of them at import (`shapeflow check` startup). The checker
+    # validates parameters that pass without it (stdlib/params.py, quick_validate); a value that
+    # fails is validated by pydantic, whose errors make the diagnostics.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, defer_build=True)
 
 
@@ -68,8 +71,8 @@ class RegistrationError(Exception):
     """A stage whose declaration is inconsistent (raised when it registers)."""
 
 
-@dataclass(frozen=True)
-class Stage:
+@record
+class Stage(Record):
     name: str
     kind: str
     fn: Callable[..., Any]
@@ -127,8 +130,8 @@ class Stage:
         }
 
 
-@dataclass(frozen=True)
-class Engine:
+@record
+class Engine(Record):
     """A rollout engine as the checker sees it: a name and the needs it can provide."""
 
     name: str

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from shapeflow._lazy import torch
-from shapeflow.runtime.batch import MissingNeed
+from shapeflow.stdlib.needs import MissingNeed
 from shapeflow.stdlib.registry import StageParams, stage
 
 

@@ -24,12 +24,12 @@ Python work is finding a marker in decoded text.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
 from pydantic import Field, model_validator
 
+from shapeflow._record import Record, record
 from shapeflow._lazy import torch
 from shapeflow.stdlib.functional import group_min_max, group_sum
 from shapeflow.stdlib.registry import StageParams, stage
@@ -435,8 +435,8 @@ def ceil(rewards, *, ceil):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RunningStats:
+@record
+class RunningStats(Record):
     """The running statistics of every reward seen so far (the code's ``RunningStats``).
 
     ``n`` rewards, their mean, M2 = Σ (x − mean)², and their max and min. The initial max and

@@ -7,7 +7,7 @@ import math
 from pydantic import Field
 
 from shapeflow._lazy import torch
-from shapeflow.runtime.batch import MissingNeed
+from shapeflow.stdlib.needs import MissingNeed
 from shapeflow.stdlib.registry import StageParams, stage
 
 

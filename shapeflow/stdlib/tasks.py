@@ -6,25 +6,25 @@ import hashlib
 import json
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from shapeflow._record import Record, record as _record  # `record` names rows below
 from shapeflow.stdlib.registry import StageParams, stage
 
 
-@dataclass(frozen=True, slots=True)
-class Example:
+@_record(slots=True)
+class Example(Record):
     id: str
     prompt: str
     answer: str
     meta: dict | None = None  # task-specific data a scorer needs (e.g. a reasoning-gym entry)
 
 
-@dataclass(frozen=True)
-class TaskData:
+@_record
+class TaskData(Record):
     """The value of type ``Dataset``: a named, ordered list of examples.
 
     ``scorer`` (optional) is the task's own scoring function ``(example, response) -> float``;
