@@ -223,6 +223,8 @@ def _follow(trainer, run_dir: Path, config, options: RunOptions) -> dict[str, An
         trainer.initialise_states()  # every process takes part (its share of the prompts)
     for step in range(start_step, config.steps):
         trainer.train_step(step)
+        if trainer.fsdp is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps):
+            trainer.state_dict()  # under FSDP the first process's checkpoint gathers the shards from every process
     return {"run_dir": str(run_dir), "rank": trainer.rank, "last_step": trainer.step_index}
 
 

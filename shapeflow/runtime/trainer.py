@@ -14,8 +14,10 @@ needs from the rollout arrives through the needs the compiler collected.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from contextlib import contextmanager
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,7 @@ from shapeflow._lazy import torch
 from shapeflow.compiler.check import Program
 from shapeflow.compiler.plan import Plan
 from shapeflow.config import TrainConfig
+from shapeflow.runtime import sharding
 from shapeflow.runtime.batch import RolloutBatch
 from shapeflow.runtime.engine import ENGINES, token_logprobs, token_needs, token_values
 from shapeflow.runtime.models import Critic, Policy
@@ -152,6 +155,9 @@ class Trainer:
         precision = self.config.mixed_precision
         if precision == "auto":
             precision = "bf16" if use_cuda and torch.cuda.is_bf16_supported() else "no"
+        if not use_cuda and sharding.fsdp_requested() and os.environ.get("FSDP_VERSION", "1") != "2":
+            raise RunError("FSDP on the CPU runs as FSDP2 (torch's fully_shard; accelerate's FSDP1 needs a GPU): "
+                           "launch with `accelerate launch --use_fsdp --fsdp_version 2 ...`")
         self.accelerator = Accelerator(cpu=not use_cuda, mixed_precision=precision)
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
@@ -175,15 +181,33 @@ class Trainer:
         self.policy.model.to(self.device)
         if self.critic is not None and not self.critic.shared:
             self.critic.model.to(self.device)
+        self.fsdp = sharding.fsdp_mode(self.accelerator)
+        if self.fsdp is not None:  # the first process's weights everywhere (see sync_from_first)
+            sharding.sync_from_first(self.policy.model, self.device)
+            for n in models:  # frozen copies (models.reference) were taken from the loaded weights too
+                if isinstance(self.values[n], Policy) and self.values[n].frozen:
+                    sharding.sync_from_first(self.values[n].model, self.device)
         if "ref_logprobs" in self.program.needs:  # a frozen copy, only when a stage asks for it
             self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
+        # FSDP: every process samples and scores with a full copy of the policy, refreshed from
+        # the shards after every optimizer step (shapeflow.runtime.sharding)
+        self.full_policy = self.policy
+        if self.fsdp is not None:
+            if self.critic is not None:
+                raise RunError("critics (value heads) are not supported under FSDP yet; launch without --use_fsdp")
+            self.full_policy = dataclasses.replace(self.policy, model=sharding.full_copy(self.policy.model))
+            if self.fsdp == "cpu":
+                sharding.shard_on_cpu(self.policy.model)  # in place: the optimizer takes the sharded parameters
         cfg = self.config
         groups = self._param_groups()
         fused = all(p.dtype == torch.float32 for g in groups for p in g["params"])  # one kernel: much faster on CPU
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                       fused=fused)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        if self.critic is None or self.critic.shared:
+        if self.fsdp == "cpu":  # accelerate would wrap the model in DDP: it gets only the optimizer and scheduler
+            self.model = self.policy.model
+            self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
+        elif self.critic is None or self.critic.shared:
             self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.policy.model, optimizer,
                                                                                   scheduler)
             self.critic_model = self.model if self.critic is not None else None
@@ -194,6 +218,8 @@ class Trainer:
         if len(self.rollout_nodes) != 1:
             raise RunError(f"a run needs exactly one rollout; this spec has {len(self.rollout_nodes)}")
         self.rollout_node = self.rollout_nodes[0]
+        if self.world > 1:  # an engine that joins the process group as it starts (vLLM's): on every process at once
+            self.engine(self.program.nodes[self.rollout_node].params.get("engine", "generate"), self.policy)
         # The training batch: the rollouts the update phase reads (the generated batch, or what a
         # rollout-phase stage made of it: a filtered or re-masked batch).
         consumed = sorted({src for n in self.plan.phases["update"] for _, src in self.program.nodes[n].inputs
@@ -257,8 +283,8 @@ class Trainer:
             raise RunError(f"rollout engine '{name}' is not available in this installation "
                            f"(available: {', '.join(ENGINES)})")
         key = (name, id(policy))
-        if key not in self.engines:
-            self.engines[key] = ENGINES[name](policy, self.device)
+        if key not in self.engines:  # under FSDP, engines sample from the full copy
+            self.engines[key] = ENGINES[name](self.full_policy if policy is self.policy else policy, self.device)
         return self.engines[key]
 
     def gather(self, batch: RolloutBatch) -> RolloutBatch:
@@ -305,15 +331,26 @@ class Trainer:
         return [r for r in mine.tensor_split(self.config.grad_accum) if r.numel()]
 
     def _weights_changed(self) -> None:
-        """After every optimizer step: engines that keep a copy of the weights (vLLM) get the new
-        ones (an engine declares ``weights_updated(model)``; the generate engine samples from the
-        training model itself and has none)."""
+        """After every optimizer step (and a resume): under FSDP the full copy of the policy is
+        refreshed from the shards (on every process together); engines that keep a copy of the
+        policy's weights (vLLM) get the new ones (an engine declares ``weights_updated(model)``;
+        the generate engine samples from the training model, or its full copy, and has none).
+        Engines of frozen models (models.reference) keep theirs."""
+        if self.fsdp is not None:
+            sharding.refresh(self.full_policy.model, self.model)
         for (_, owner), engine in self.engines.items():
-            if owner != id(self.policy):  # engines of frozen models (models.reference) keep their weights
+            if owner != id(self.policy):
                 continue
             hook = getattr(engine, "weights_updated", None)
             if hook is not None:
-                hook(self.accelerator.unwrap_model(self.model))
+                hook(self._full_model())
+
+    def _full_model(self):
+        """The policy with all its weights, for passes outside the update's forward/backward:
+        the training model itself (one process, DDP) or its full copy (FSDP)."""
+        if self.fsdp is not None:
+            return self.full_policy.model
+        return self.accelerator.unwrap_model(self.model)
 
     # --- rollout phase -------------------------------------------------------------------
     def micro_batches(self, size: int, step: int, epoch: int) -> list[list["torch.Tensor"]]:
@@ -339,7 +376,7 @@ class Trainer:
         if want_entropy:
             batch.entropy = torch.zeros(B, T, device=batch.mask.device)
         hidden_rows = {}
-        model = self.accelerator.unwrap_model(self.model)
+        model = self._full_model()
         want_values = "values" in needs
         shared_head = self.critic.head if want_values and self.critic.shared else None
         if want_values:
@@ -544,7 +581,7 @@ class Trainer:
                     losses.setdefault(n, []).append(total)
                 if cfg.max_grad_norm is not None:
                     norm = self.accelerator.clip_grad_norm_(self.trainable_parameters, cfg.max_grad_norm)
-                    grad_norms.append(float(norm))
+                    grad_norms.append(sharding.as_float(norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self._weights_changed()
@@ -774,10 +811,16 @@ class Trainer:
 
     # --- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The run's state for a checkpoint. Under FSDP the weights and the optimizer state are
+        gathered (full, on the first process): every process must call it."""
+        if self.fsdp is not None:
+            weights, optim = sharding.checkpoint_state(self.model, getattr(self.optimizer, "optimizer", self.optimizer))
+        else:
+            weights, optim = self.accelerator.unwrap_model(self.model).state_dict(), self.optimizer.state_dict()
         return {
             "step": self.step_index,
-            "model": self.accelerator.unwrap_model(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": weights,
+            "optimizer": optim,
             "scheduler": self.scheduler.state_dict(),
             "samplers": {str(i): s.state_dict() for i, s in enumerate(self._ordered_samplers())},
             "rng": {"torch": torch.get_rng_state()},
@@ -787,8 +830,13 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp is not None:  # every process holds the full state: each keeps its shard
+            sharding.load_checkpoint_state(self.model, getattr(self.optimizer, "optimizer", self.optimizer),
+                                           state["model"], state["optimizer"])
+        else:
+            self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self._weights_changed()  # the full copy (FSDP) and the engines that hold weights get the loaded ones
         self.scheduler.load_state_dict(state["scheduler"])
         for sampler, s in zip(self._ordered_samplers(), state["samplers"].values()):
             sampler.load_state_dict(s)

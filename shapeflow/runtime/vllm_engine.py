@@ -110,6 +110,23 @@ def kv_cache_bytes(config, dtype_bytes: int) -> int:
     return int(max(min(max(256 * per_sequence, 32 << 20), KV_CACHE_MAX), per_sequence))
 
 
+def _save_folder(model, folder: str) -> None:
+    """``model`` as a Hugging Face folder (config and safetensors weights) for vLLM to load. Not
+    ``save_pretrained``: with several processes (``torch.distributed`` initialised) it writes on the
+    first process only, and every process builds its own engine from its own folder."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(folder)
+    weights, seen = {}, set()
+    for name, value in model.state_dict().items():  # a tied weight once, under its first name (the
+        key = (value.data_ptr(), value.shape)       # input embedding's, which vLLM loads; it skips lm_head)
+        if value.numel() and key in seen:
+            continue
+        seen.add(key)
+        weights[name] = value.detach().contiguous()
+    save_file(weights, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+
 def _logprob_plan(temperature: float, top_p: float, top_k: int, greedy: bool) -> tuple[str, int]:
     """(vLLM logprobs mode, number of log-probs per position) giving log softmax(z/T)[y].
 
@@ -148,7 +165,7 @@ class VllmEngine:
         self.folder = tempfile.mkdtemp(prefix="shapeflow-vllm-")
         self._remove_folder = weakref.finalize(self, shutil.rmtree, self.folder, True)  # also at exit
         try:
-            model.save_pretrained(self.folder)  # the current weights (a resumed run's, a trained one's)
+            _save_folder(model, self.folder)  # the current weights (a resumed run's, a trained one's)
             policy.tokenizer.save_pretrained(self.folder)
             kwargs: dict[str, Any] = {}
             if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:

@@ -215,3 +215,42 @@ def test_grpo_with_the_vllm_engine_raises_reward_like_the_generate_engine(tmp_pa
     print("held-out greedy accuracy", before, "gains", gains)
     assert gains["generate"] >= 0.05 and gains["vllm"] >= 0.05, gains
     assert gains["vllm"] >= gains["generate"] - 0.1, gains
+
+
+# --- (e) several processes ------------------------------------------------------------------------
+
+
+def _tis_run(out: Path, launch: list[str]) -> list[dict]:
+    """Two steps of grpo_tis.shape with the vLLM engine (4 prompts × 8, two minibatches: two weight
+    pushes a step, lr 1e-3 so that a missed push shows in the importance weights)."""
+    args = [*launch, str(Path(sys.executable).with_name("shapeflow")), "run", str(ROOT / "specs" / "grpo_tis.shape"),
+            "--steps", "2", "--out", str(out), "--tracking", "jsonl", "--device", "cpu", "--eval-size", "8"]
+    for s in ("groups.engine=vllm", "train.prompts_per_step=4", "train.minibatches=2", "train.lr=1e-3",
+              "train.checkpoint_every=100"):
+        args += ["--set", s]
+    done = subprocess.run(args, cwd=out.parent, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [r for r in lines if r["step"] >= 0 and "reward/r/mean" in r]
+
+
+@pytest.mark.slow
+def test_two_processes_each_sample_their_share_with_their_own_engine(tmp_path):
+    """`accelerate launch --num_processes 2` (gloo on the CPU), data parallel and FSDP2: each process
+    starts its own in-process vLLM (vLLM treats the launcher's processes as external data
+    parallelism), samples its half of the prompts with the per-prompt seeds, and gets the weights
+    after every optimizer step: the importance weights π_old / π_vllm over the whole gathered batch
+    stay at 1 at both steps (a process whose engine kept old weights, or sampled from other weights
+    than the trainer's, would move them), and the two launches train alike. (A one-process run gives
+    the DDP launch's first-step responses too; left out to keep the test under a minute.)"""
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    ddp = _tis_run(tmp_path / "ddp", [*launch, "--multi_gpu"])
+    fsdp = _tis_run(tmp_path / "fsdp", [*launch, "--use_fsdp", "--fsdp_version", "2"])
+    assert [r["step"] for r in ddp] == [r["step"] for r in fsdp] == [0, 1]  # only the first process writes
+    assert ddp[0]["reward/r/mean"] == fsdp[0]["reward/r/mean"] and fsdp[0]["rollout/responses"] == 32.0
+    for a, b in zip(ddp, fsdp):
+        assert a["rollout/adv/weight_mean"] == pytest.approx(1.0, abs=1e-4), a["step"]
+        assert b["rollout/adv/weight_mean"] == pytest.approx(1.0, abs=1e-4), b["step"]
+        assert a["optim/grad_norm"] == pytest.approx(b["optim/grad_norm"], rel=1e-4)
