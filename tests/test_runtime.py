@@ -255,6 +255,62 @@ def test_full_logit_reductions_equal_a_full_forward_and_are_computed_only_when_a
     assert (got.extra["self_certainty"][~valid] != 0).all()  # padding positions keep their values (UCAS's code)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_chunked_sampled_logprob_matches_autograd_on_the_plain_expression(monkeypatch, dtype):
+    """The log-probs (and their gradient) come from logits reduced a few rows at a time, the
+    softmax recomputed in the backward: the same values and gradients as autograd on
+    log_softmax(z/τ)[y], whatever the chunking."""
+    import torch
+
+    from shapeflow.runtime import engine
+
+    dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(5, 4, 11, generator=g)).to(dtype)
+    ids = torch.randint(0, 11, (5, 4), generator=g)
+    weights = torch.randn(5, 4, generator=g)
+    a = logits.clone().requires_grad_(True)
+    z = a.float() / 0.7
+    want = z.gather(-1, ids[..., None]).squeeze(-1) - z.logsumexp(-1)
+    (want * weights).sum().backward()
+    for elements in (1, 22, 44, 88, 10**6):  # one position, 2 positions of a row, 1 row of 4 x 11, 2 rows, all
+        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", elements)
+        b = logits.clone().requires_grad_(True)
+        got, logz = engine._SampledLogprob.apply(b, ids, 0.7)
+        (got * weights).sum().backward()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert torch.allclose(got.double(), want.double(), atol=tol, rtol=0)
+        assert torch.allclose(logz.double(), z.logsumexp(-1).double(), atol=tol, rtol=0)
+        assert b.grad.dtype == dtype
+        assert torch.allclose(b.grad.double(), a.grad.double(), atol=tol if dtype != torch.bfloat16 else 1e-2, rtol=0)
+        assert not logz.requires_grad
+
+
+def test_reductions_do_not_depend_on_the_chunking(monkeypatch):
+    """Entropy and the full-logit needs are the same reduced row by row as all at once."""
+    import torch
+
+    from shapeflow.runtime import engine
+
+    trainer = trainer_for()
+    trainer.train_step(0)
+    b, model = trainer.last_batch, trainer.policy.model
+    extras = frozenset({"sampled_logit", "self_certainty", "logprobs@1.2", "sum_pi_squared"})
+
+    def run():
+        with torch.no_grad():
+            return engine.token_logprobs(model, b.prompt_tokens, b.prompt_mask, b.response_ids, b.mask,
+                                         temperature=0.7, entropy=True, extras=extras)
+
+    whole = run()
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1)
+    rows = run()
+    assert torch.equal(rows.logprobs, whole.logprobs) and torch.equal(rows.entropy, whole.entropy)
+    assert rows.extra.keys() == whole.extra.keys() == extras
+    for name in extras:
+        assert torch.equal(rows.extra[name], whole.extra[name]), name
+
+
 @pytest.mark.slow
 def test_the_demo_raises_held_out_accuracy_by_twenty_points(tmp_path):
     """`make demo`'s run: specs/grpo.shape as it stands, on the builtin model."""

@@ -113,39 +113,122 @@ def token_logprobs(
     cache.reorder_cache(inverse)  # (U, ...) -> (B, ...): each response reads its prompt's keys/values
     out = model(input_ids=response_ids, attention_mask=attention, position_ids=positions[:, P:],
                 use_cache=True, output_hidden_states=hidden or want_states, **with_cache(model, cache))
-    raw = torch.cat([prefix.logits[inverse, -1:, :], out.logits[:, :-1, :]], dim=1)  # (B, T, V)
-    logits = raw.float() / temperature
-    logz = torch.logsumexp(logits, dim=-1)  # (B, T)
-    chosen = logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
-    mask = response_mask.to(logits.dtype)
-    stats = TokenStats(logprobs=(chosen - logz) * mask)
-    if entropy_grad:
+    mask = response_mask.to(torch.float32)
+    # The logits of each response token: the prompt's last position, then the response's own
+    # positions but its last. Kept in two parts (no (B, T, V) concatenated copy), reduced in
+    # chunks of rows so that no full-size float32 copy of the logits is made or kept for backward.
+    parts = ((prefix.logits[inverse, -1:, :], response_ids[:, :1]), (out.logits[:, :-1, :], response_ids[:, 1:]))
+    if entropy_grad:  # a loss term on the entropy itself: plain autograd over the whole tensor
+        raw = torch.cat([parts[0][0], parts[1][0]], dim=1)  # (B, T, V)
+        logits = raw.float() / temperature
+        logz = torch.logsumexp(logits, dim=-1)  # (B, T)
+        chosen = logits.gather(-1, response_ids.unsqueeze(-1)).squeeze(-1)
+        stats = TokenStats(logprobs=(chosen - logz) * mask)
         stats.entropy = (logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)) * mask
-    elif entropy:
+    else:
+        pieces = [_SampledLogprob.apply(z, ids, float(temperature)) for z, ids in parts]
+        logz = torch.cat([lz for _, lz in pieces], dim=1)  # (B, T), no gradient
+        stats = TokenStats(logprobs=torch.cat([lp for lp, _ in pieces], dim=1) * mask)
+    wanted = set(extras) | ({"entropy"} if entropy and not entropy_grad else set())
+    if wanted:
         with torch.no_grad():
-            detached = logits.detach()
-            stats.entropy = (logz.detach() - (torch.softmax(detached, dim=-1) * detached).sum(-1)) * mask
+            reduced = _reduce_logits(parts, logz.detach(), mask, temperature, frozenset(wanted))
+        if "entropy" in wanted:
+            stats.entropy = reduced.pop("entropy")
+        stats.extra = reduced
     if hidden:
-        stats.hidden = out.hidden_states[-1] * mask.unsqueeze(-1)
+        stats.hidden = out.hidden_states[-1] * mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
     if want_states:
         states = torch.cat([prefix.hidden_states[-1][inverse, -1:], out.hidden_states[-1][:, :-1]], dim=1)
         stats.values = value_head(states.to(value_head.weight.dtype)).squeeze(-1).float() * mask
-    if extras:
-        with torch.no_grad():
-            stats.extra = _logit_reductions(raw.detach(), logits.detach(), logz.detach(), response_ids, mask, extras)
     return stats
 
 
-def _logit_reductions(raw, logits, logz, response_ids, mask, extras) -> dict:
+# float32 elements a chunk of logits may take (16 MB): a (B, t, V) tensor is reduced a few rows,
+# or a few positions of one row, at a time, so the temporaries stay small and cache-friendly
+# whatever the vocabulary and the length (bench/logprob_pass.py)
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(rows: int, positions: int, vocab: int) -> list[tuple[slice, slice]]:
+    """(rows, positions) slices covering a (rows, positions, vocab) tensor, each at most
+    CHUNK_ELEMENTS elements (one position at least)."""
+    per_row = positions * vocab
+    if per_row <= CHUNK_ELEMENTS:
+        step = max(1, CHUNK_ELEMENTS // max(1, per_row))
+        return [(slice(r, min(r + step, rows)), slice(0, positions)) for r in range(0, rows, step)]
+    step = max(1, CHUNK_ELEMENTS // vocab)
+    return [(slice(r, r + 1), slice(c, min(c + step, positions))) for r in range(rows) for c in range(0, positions, step)]
+
+
+class _SampledLogprob(torch.autograd.Function):
+    """log softmax(z/τ)[y] (and logsumexp(z/τ), without gradient) for logits z (B, t, V) and
+    tokens y (B, t), in float32, chunk by chunk over the rows.
+
+    Autograd on the plain expression keeps a float32 copy of every logit for the backward of
+    logsumexp (and makes more for the cast and the division); this keeps only the logits it was
+    given (alive anyway, in the model's dtype) and logsumexp (B, t), and recomputes the softmax
+    chunk by chunk in the backward: ∂/∂z_v = (1[v = y] − softmax(z/τ)_v) / τ."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature):
+        B, t = ids.shape
+        out = torch.empty(B, t, dtype=torch.float32, device=logits.device)
+        logz = torch.empty(B, t, dtype=torch.float32, device=logits.device)
+        for rows, cols in _chunks(B, t, logits.shape[-1]):
+            z = logits[rows, cols].float() / temperature
+            lz = torch.logsumexp(z, dim=-1)
+            logz[rows, cols] = lz
+            out[rows, cols] = z.gather(-1, ids[rows, cols].unsqueeze(-1)).squeeze(-1) - lz
+        ctx.save_for_backward(logits, ids, logz)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(logz)
+        return out, logz
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_logz):
+        logits, ids, logz = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad = torch.empty_like(logits)
+        for rows, cols in _chunks(ids.shape[0], ids.shape[1], logits.shape[-1]):
+            g = grad_out[rows, cols].float().unsqueeze(-1)  # (b, t, 1)
+            p = torch.exp(logits[rows, cols].float() / temperature - logz[rows, cols].unsqueeze(-1))  # softmax
+            p.mul_(-g).scatter_add_(-1, ids[rows, cols].unsqueeze(-1), g)
+            grad[rows, cols] = (p / temperature).to(grad.dtype)
+        return grad, None, None
+
+
+def _reduce_logits(parts, logz, mask, temperature: float, wanted: frozenset[str]) -> dict:
+    """Per-token reductions of the full logits (no gradient), chunk by chunk over the rows of
+    each part: ``entropy`` and the needs of ``token_needs``. ``parts``: the (logits (B, t, V),
+    tokens (B, t)) pieces that make up the T response positions, in order."""
+    out: dict = {}
+    start = 0
+    for raw, ids in parts:
+        B, t = ids.shape
+        for rows, cols in _chunks(B, t, raw.shape[-1]):
+            at = slice(start + cols.start, start + cols.stop)  # the positions among all T
+            for name, value in _logit_reductions(raw[rows, cols], temperature, logz[rows, at], ids[rows, cols],
+                                                 mask[rows, at], wanted).items():
+                out.setdefault(name, torch.zeros(mask.shape, dtype=torch.float32, device=mask.device))[rows, at] = value
+        start += t
+    return out
+
+
+def _logit_reductions(raw, temperature, logz, response_ids, mask, wanted) -> dict:
+    """The reductions of ``wanted`` for one chunk: raw logits (b, t, V), logsumexp(z/τ) (b, t)."""
     out = {}
+    logits = raw.float() / temperature
     ids = response_ids.unsqueeze(-1)
-    if "sampled_logit" in extras:
+    if "entropy" in wanted:  # H = logsumexp(z) − Σ softmax(z)·z
+        out["entropy"] = (logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)) * mask
+    if "sampled_logit" in wanted:
         out["sampled_logit"] = raw.gather(-1, ids).squeeze(-1).float() * mask
-    if "self_certainty" in extras:  # unmasked on purpose: UCAS's code sums it over every position
+    if "self_certainty" in wanted:  # unmasked on purpose: UCAS's code sums it over every position
         out["self_certainty"] = logz - logits.mean(-1)
-    if "sum_pi_squared" in extras:  # Σπ² = exp(logsumexp(2z) − 2·logsumexp(z)), z the tempered logits
+    if "sum_pi_squared" in wanted:  # Σπ² = exp(logsumexp(2z) − 2·logsumexp(z)), z the tempered logits
         out["sum_pi_squared"] = torch.exp(torch.logsumexp(2 * logits, dim=-1) - 2 * logz) * mask
-    for name in sorted(n for n in extras if n.startswith("logprobs@")):
+    for name in sorted(n for n in wanted if n.startswith("logprobs@")):
         scaled = raw.float() / float(name.partition("@")[2])
         out[name] = (scaled.gather(-1, ids).squeeze(-1) - torch.logsumexp(scaled, dim=-1)) * mask
     return out
