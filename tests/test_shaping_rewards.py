@@ -21,7 +21,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import call, make_batch  # noqa: E402
+from conftest import call, make_batch, spec_trainer  # noqa: E402
 from shapeflow.stdlib.registry import default_registry  # noqa: E402
 from shapeflow.stdlib.shaping_rewards import (  # noqa: E402
     RunningStats,
@@ -683,19 +683,7 @@ def test_r3_properties(d, data, p, eligible, ties):
 
 
 def par_trainer(*sets: str):
-    from pathlib import Path
-
-    from shapeflow.compiler.pipeline import build_plan, compile_spec
-    from shapeflow.runtime.trainer import Trainer
-
-    root = Path(__file__).resolve().parents[1]
-    result = compile_spec(root / "specs" / "par.shape", roots=[root / "specs"],
-                          sets=["train.prompts_per_step=4", "train.eval_size=8", "train.lr=1e-3", *sets])
-    assert result.ok, result.diagnostics
-    _, plan = build_plan(result.program)
-    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
-    trainer.setup()
-    return trainer
+    return spec_trainer("par.shape", "train.prompts_per_step=4", "train.eval_size=8", "train.lr=1e-3", *sets)
 
 
 def test_par_reference_responses_come_from_the_frozen_initial_policy_row_for_row():

@@ -23,7 +23,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import call, make_batch, stage_page_shows  # noqa: E402
+from conftest import call, make_batch, stage_page_shows, spec_trainer  # noqa: E402
 
 from shapeflow.stdlib import shaping_state as ss  # noqa: E402
 from shapeflow.stdlib.registry import default_registry  # noqa: E402
@@ -275,19 +275,7 @@ def test_initialisation_pass_starts_each_prompt_at_its_success_rate():
 
 
 def mssr_trainer(*sets: str):
-    from pathlib import Path
-
-    from shapeflow.compiler.pipeline import build_plan, compile_spec
-    from shapeflow.runtime.trainer import Trainer
-
-    root = Path(__file__).resolve().parents[1]
-    result = compile_spec(root / "specs" / "mssr.shape", roots=[root / "specs"],
-                          sets=["train.prompts_per_step=16", "train.eval_size=8", "prompts.size=60", *sets])
-    assert result.ok, result.diagnostics
-    _, plan = build_plan(result.program)
-    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
-    trainer.setup()
-    return trainer
+    return spec_trainer("mssr.shape", "train.prompts_per_step=16", "train.eval_size=8", "prompts.size=60", *sets)
 
 
 def test_the_runtime_runs_the_initialisation_pass_over_the_training_set():

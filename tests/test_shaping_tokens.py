@@ -20,7 +20,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
-from conftest import call, make_batch  # noqa: E402
+from conftest import call, make_batch, spec_trainer  # noqa: E402
 
 from shapeflow.stdlib.needs import resolve_needs  # noqa: E402
 from shapeflow.stdlib.registry import default_registry  # noqa: E402
@@ -588,19 +588,8 @@ def test_dcpo_properties(data, h_prev, seed):
 def test_dcpo_in_a_training_run_keeps_the_nll_of_the_step_it_saw():
     """specs/dcpo.shape for two steps: the behaviour pass computes logprobs@1.2 and @0.8, and the
     stage's state holds −masked_mean of the last batch's behaviour log-probs."""
-    from pathlib import Path
-
-    from shapeflow.compiler.pipeline import build_plan, compile_spec
-    from shapeflow.runtime.trainer import Trainer
-
-    root = Path(__file__).resolve().parents[1]
-    result = compile_spec(root / "specs" / "dcpo.shape", roots=[root / "specs"],
-                          sets=["train.prompts_per_step=4", "train.eval_size=8"])
-    assert result.ok, result.diagnostics
-    assert {"logprobs@1.2", "logprobs@0.8"} <= set(result.program.needs)
-    _, plan = build_plan(result.program)
-    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
-    trainer.setup()
+    trainer = spec_trainer("dcpo.shape", "train.prompts_per_step=4", "train.eval_size=8")
+    assert {"logprobs@1.2", "logprobs@0.8"} <= set(trainer.program.needs)
     first = trainer.train_step(0)
     assert first["state/adv/temperature"] == 1.2  # H_prev = 0 at the first step
     batch = trainer.last_batch
@@ -615,20 +604,8 @@ def test_dcpo_in_a_training_run_keeps_the_nll_of_the_step_it_saw():
 # --- STEER's statistics scope in the update loop ----------------------------------------------
 
 def steer_trainer(*sets: str):
-    from pathlib import Path
-
-    from shapeflow.compiler.pipeline import build_plan, compile_spec
-    from shapeflow.runtime.trainer import Trainer
-
-    root = Path(__file__).resolve().parents[1]
-    result = compile_spec(root / "specs" / "steer.shape", roots=[root / "specs"],
-                          sets=["train.prompts_per_step=4", "group_size=4", "train.eval_size=8", "train.lr=1e-3",
-                                *sets])
-    assert result.ok, result.diagnostics
-    _, plan = build_plan(result.program)
-    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
-    trainer.setup()
-    return trainer
+    return spec_trainer("steer.shape", "train.prompts_per_step=4", "group_size=4", "train.eval_size=8", "train.lr=1e-3",
+                        *sets)
 
 
 def _gradient_of_one_step(*sets: str):
@@ -696,19 +673,9 @@ def test_ucas_spec_pads_to_the_length_limit_and_sums_self_certainty_over_every_p
     """verl pads every response to max_response_length and UCAS sums the self-certainty over all
     of those positions: specs/ucas.shape pads to max_new_tokens, and the behaviour pass computes
     the self-certainty at every one of them (padding included), as one full forward does."""
-    from pathlib import Path
-
-    from shapeflow.compiler.pipeline import build_plan, compile_spec
-    from shapeflow.runtime.trainer import Trainer
-
-    root = Path(__file__).resolve().parents[1]
-    result = compile_spec(root / "specs" / "ucas.shape", roots=[root / "specs"],
-                          sets=["train.prompts_per_step=4", "group_size=4", "train.eval_size=8"])
-    assert result.ok
-    _, plan = build_plan(result.program)
-    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
-    trainer.setup()
     import copy
+
+    trainer = spec_trainer("ucas.shape", "train.prompts_per_step=4", "group_size=4", "train.eval_size=8")
 
     behaviour = copy.deepcopy(trainer.policy.model)  # the weights that sampled the batch
     trainer.train_step(0)
