@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"python {result['python']} on {result['machine']}; {args.runs} runs each after {args.warmup} warm-ups")
         labels = {"baseline": "python -c \"import lark, networkx, pydantic\"", "check": f"shapeflow check {args.specs}",
-                  "check_cold": f"  ... with SHAPEFLOW_CHECK_CACHE=off"}
+                  "check_cold": "  ... with SHAPEFLOW_CHECK_CACHE=off"}
         for key in commands:
             s = stats[key]
             print(f"  {labels[key]:<45} median {s['median_ms']:7.1f} ms   min {s['min_ms']:7.1f}   max {s['max_ms']:7.1f}")

@@ -111,8 +111,6 @@ def one(variant: str, vocab: int, responses: int, tokens: int, entropy: bool, re
 
 
 def agreement(vocab: int, responses: int, tokens: int) -> dict:
-    import torch
-
     from shapeflow.runtime.engine import token_logprobs
 
     model = build(vocab)
