@@ -5,7 +5,9 @@
 # Writes its results under $OUT (default bench-gpu-out/); SKIP_RUN=1 skips step 1.
 #   1. `shapeflow run specs/grpo.shape` on the GPU (builtin:arith-tiny, 100 steps, JSONL tracking);
 #   2. bench/run_vs_trl.py --device cuda --model random-qwen2-0.5b: step time and tokens/s of
-#      shapeflow's GRPO against TRL's GRPOTrainer on the same batch (16 prompts x 8, 128 new tokens).
+#      shapeflow's GRPO against TRL's GRPOTrainer on the same batch (16 prompts x 8, 128 new tokens);
+#   3. bench/logprob_pass.py --device cuda: peak memory and time of the chunked log-prob pass
+#      against autograd on the plain expression (vocab 151936, bf16 autocast).
 set -u
 OUT=${OUT:-bench-gpu-out}
 mkdir -p "$OUT"
@@ -34,3 +36,8 @@ timeout 400 python3 bench/run_vs_trl.py --device cuda --model random-qwen2-0.5b 
   --steps 8 --warmup 2 --rounds 2 --no-cli 2> "$OUT/vs_trl.err" | tee "$OUT/vs_trl.txt"
 echo "exit ${PIPESTATUS[0]}"
 tail -n 15 "$OUT/vs_trl.err"
+
+echo "== 3. the log-prob pass: chunked against plain autograd (vocab 151936, bf16 autocast)"
+timeout 240 python3 bench/logprob_pass.py --device cuda --vocab 151936 --responses 16 --tokens 512 --rounds 2 \
+  2> "$OUT/logprob_pass.err" | tee "$OUT/logprob_pass.txt"
+echo "exit ${PIPESTATUS[0]}"

@@ -20,6 +20,10 @@ two are compared first (max abs difference).
 
     .venv/bin/python bench/logprob_pass.py                       # vocab 32768, 16 x 128 tokens
     .venv/bin/python bench/logprob_pass.py --vocab 151936 --responses 8 --tokens 64
+    python3 bench/logprob_pass.py --device cuda --vocab 151936 --responses 16 --tokens 512   # GPU
+
+On CUDA the forward runs under bf16 autocast (as the trainer's mixed precision "auto" does) and
+the peak is torch.cuda.max_memory_allocated above the memory after the model was built.
 """
 
 from __future__ import annotations
@@ -85,36 +89,50 @@ def plain_logprobs(model, prompt_tokens, prompt_mask, response_ids, response_mas
     return (chosen - logz) * mask, ent
 
 
-def one(variant: str, vocab: int, responses: int, tokens: int, entropy: bool, repeat: int) -> dict:
+def one(variant: str, vocab: int, responses: int, tokens: int, entropy: bool, repeat: int,
+        device: str = "cpu") -> dict:
     """Run in a fresh process: build, then forward + backward ``repeat`` times."""
+    import contextlib
+
     import torch
 
     from shapeflow.runtime.engine import token_logprobs
 
-    torch.set_num_threads(1)
-    model = build(vocab)
-    inputs = batch(vocab, responses, tokens)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = device == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)
+    model = build(vocab).to(device)
+    inputs = [x.to(device) for x in batch(vocab, responses, tokens)]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times = []
     for _ in range(repeat):
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        if variant == "plain":
-            lp, _ = plain_logprobs(model, *inputs[:4], temperature=0.7, entropy=entropy)
-        else:
-            lp = token_logprobs(model, *inputs[:4], temperature=0.7, entropy=entropy).logprobs
+        with autocast:
+            if variant == "plain":
+                lp, _ = plain_logprobs(model, *inputs[:4], temperature=0.7, entropy=entropy)
+            else:
+                lp = token_logprobs(model, *inputs[:4], temperature=0.7, entropy=entropy).logprobs
         (lp * inputs[4]).sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"variant": variant, "entropy": entropy, "extra_peak_mb": (peak - before) / 1024,
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "entropy": entropy, "extra_peak_mb": (peak - before) / 2**20,
             "seconds": statistics.median(times)}
 
 
-def agreement(vocab: int, responses: int, tokens: int) -> dict:
+def agreement(vocab: int, responses: int, tokens: int, device: str = "cpu") -> dict:
     from shapeflow.runtime.engine import token_logprobs
 
-    model = build(vocab)
-    inputs = batch(vocab, responses, tokens)
+    model = build(vocab).to(device)
+    inputs = [x.to(device) for x in batch(vocab, responses, tokens)]
     lp_a, _ = plain_logprobs(model, *inputs[:4], temperature=0.7, entropy=False)
     (lp_a * inputs[4]).sum().backward()
     grads_a = [p.grad.clone() for p in model.parameters()]
@@ -134,22 +152,25 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3, help="forward + backward passes per process")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("VARIANT", "ENTROPY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], args.vocab, args.responses, args.tokens, args.one[1] == "1", args.repeat)))
+        print(json.dumps(one(args.one[0], args.vocab, args.responses, args.tokens, args.one[1] == "1", args.repeat,
+                             args.device)))
         return
     results: dict[tuple[str, bool], list[dict]] = {}
     for r in range(args.rounds):
         order = [("plain", False), ("chunked", False), ("plain", True), ("chunked", True)]
         for variant, entropy in order if r % 2 == 0 else order[::-1]:
             cmd = [sys.executable, __file__, "--vocab", str(args.vocab), "--responses", str(args.responses),
-                   "--tokens", str(args.tokens), "--repeat", str(args.repeat), "--one", variant, str(int(entropy))]
+                   "--tokens", str(args.tokens), "--repeat", str(args.repeat), "--device", args.device,
+                   "--one", variant, str(int(entropy))]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results.setdefault((variant, entropy), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     # after the measurements: a child's peak resident memory starts from its parent's at the fork
-    agree = agreement(args.vocab, args.responses, args.tokens)
+    agree = agreement(args.vocab, args.responses, args.tokens, args.device)
     rows = []
     for (variant, entropy), runs in results.items():
         rows.append({"variant": variant, "entropy": entropy,
@@ -159,8 +180,9 @@ def main() -> None:
         print(json.dumps({"agreement": agree, "rows": rows, "args": vars(args)}, indent=2))
         return
     B, T, V = args.responses, args.tokens, args.vocab
-    print(f"random Qwen2 (h64, 2 layers), vocab {V}, {B} responses x {T} tokens; one (B, T, V) float32 copy = "
-          f"{B * T * V * 4 / 2**20:.0f} MB; {args.rounds} rounds x {args.repeat} passes, 1 thread")
+    print(f"random Qwen2 (h64, 2 layers) on {args.device}, vocab {V}, {B} responses x {T} tokens; one (B, T, V) "
+          f"float32 copy = {B * T * V * 4 / 2**20:.0f} MB; {args.rounds} rounds x {args.repeat} passes"
+          + (", 1 thread" if args.device == "cpu" else ", bf16 autocast"))
     print(f"agreement: log-probs {agree['logprobs_max_abs_diff']:.2e}, gradients {agree['grad_max_abs_diff']:.2e} "
           f"(largest gradient {agree['grad_max_abs']:.2e})")
     print("| variant | entropy statistic | peak memory above the model (MB) | forward + backward (s) |")
