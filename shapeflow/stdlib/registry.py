@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Literal
 from pydantic import BaseModel, ConfigDict
 
 from shapeflow._record import Record, record
-from shapeflow.plugins import ENTRY_POINT_GROUP, plugin_entry_points
+from shapeflow.plugins import ENTRY_POINT_GROUP, plugin_entry_points  # noqa: F401 (re-exported)
 from shapeflow.compiler.types import Type, parse_type
 from shapeflow.stdlib.needs import NEEDS, template_param
 

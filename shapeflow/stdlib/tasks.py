@@ -7,12 +7,15 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from shapeflow._record import Record, record as _record  # `record` names rows below
 from shapeflow.stdlib.registry import StageParams, stage
+
+if TYPE_CHECKING:
+    from fractions import Fraction
 
 
 @_record(slots=True)
