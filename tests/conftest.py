@@ -72,15 +72,17 @@ def stage_page_shows(name: str, texts, capsys) -> None:
         assert text in out, (text, out)
 
 
-def spec_trainer(spec: str, *sets: str, setup: bool = True):
-    """A CPU Trainer for ``specs/<spec>`` with ``--set`` overrides (set up unless told not to)."""
+def spec_trainer(spec, *sets: str, setup: bool = True):
+    """A CPU Trainer for ``spec`` (a file, or a name under specs/) with ``--set`` overrides (set
+    up unless told not to)."""
     from pathlib import Path
 
     from shapeflow.compiler.pipeline import build_plan, compile_spec
     from shapeflow.runtime.trainer import Trainer
 
     specs = Path(__file__).resolve().parents[1] / "specs"
-    result = compile_spec(specs / spec, roots=[specs], sets=list(sets))
+    path = Path(spec) if Path(spec).is_absolute() else specs / spec
+    result = compile_spec(path, roots=[specs] if path.is_relative_to(specs) else [], sets=list(sets))
     assert result.ok, [f"{d.code} {d.message}" for d in result.diagnostics]
     _, plan = build_plan(result.program)
     trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")

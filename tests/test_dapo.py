@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import call, make_batch
+from conftest import call, make_batch, spec_trainer
 from pydantic import ValidationError
 
 
@@ -111,17 +111,7 @@ def test_dynamic_sampling_stops_at_max_rounds_and_reports_the_shortfall():
 
 
 def test_the_dapo_spec_trains_on_groups_with_spread_only():
-    from pathlib import Path
-
-    from shapeflow.compiler.pipeline import build_plan, compile_spec
-    from shapeflow.runtime.trainer import Trainer
-    from shapeflow.stdlib.registry import default_registry
-
-    spec = Path(__file__).resolve().parents[1] / "specs" / "dapo.shape"
-    result = compile_spec(spec, sets=["train.prompts_per_step=4"])
-    _, plan = build_plan(result.program)
-    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
-    trainer.setup()
+    trainer = spec_trainer("dapo.shape", "train.prompts_per_step=4")
     metrics = trainer.train_step(0)
     batch = trainer.last_batch
     assert metrics["rollout/groups/rounds"] >= 1 and metrics["rollout/groups/shortfall_groups"] == 0

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import call, make_batch  # noqa: E402
+from conftest import call, make_batch, spec_trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,15 +62,7 @@ def test_rejection_masks_tokens_or_responses_outside_the_band():
 
 
 def test_the_generate_engine_records_its_sampling_logprobs_and_tis_trains():
-    from shapeflow.compiler.pipeline import build_plan, compile_spec
-    from shapeflow.runtime.trainer import Trainer
-    from shapeflow.stdlib.registry import default_registry
-
-    result = compile_spec(ROOT / "specs" / "grpo_tis.shape", sets=["train.prompts_per_step=4"])
-    assert result.ok, [str(d) for d in result.diagnostics]
-    _, plan = build_plan(result.program)
-    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
-    trainer.setup()
+    trainer = spec_trainer("grpo_tis.shape", "train.prompts_per_step=4")
     _, batch = trainer.rollout_phase(0)  # before any update: sampler and trainer see the same weights
     rollout, old, mask = batch.extra["rollout_logprobs"], batch.logprobs, batch.mask
     assert rollout.shape == old.shape and (rollout[mask == 0] == 0).all()
@@ -81,13 +73,6 @@ def test_the_generate_engine_records_its_sampling_logprobs_and_tis_trains():
 
 
 def test_without_a_stage_that_needs_them_no_sampling_logprobs_are_recorded():
-    from shapeflow.compiler.pipeline import build_plan, compile_spec
-    from shapeflow.runtime.trainer import Trainer
-    from shapeflow.stdlib.registry import default_registry
-
-    result = compile_spec(ROOT / "specs" / "grpo.shape", sets=["train.prompts_per_step=2"])
-    _, plan = build_plan(result.program)
-    trainer = Trainer(result.program, plan, default_registry(), result.program.config["train"], device="cpu")
-    trainer.setup()
+    trainer = spec_trainer("grpo.shape", "train.prompts_per_step=2")
     _, batch = trainer.rollout_phase(0)
     assert "rollout_logprobs" not in batch.extra
