@@ -753,10 +753,14 @@ def test_a_run_logs_the_pass_once_and_a_resumed_run_keeps_its_tracker(tmp_path, 
         return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
     straight = run(tmp_path / "straight", 3)
+    assert "initialisation pass of 'base': the initial policy answers 40 training prompts 1 time each" in \
+        capsys.readouterr().err
     first = straight[0]
     assert first["step"] == -1 and first["init/base/prompts"] == 40.0 and first["init/base/seconds"] > 0
     run(tmp_path / "resumed", 2)
+    capsys.readouterr()
     resumed = run(tmp_path / "resumed", 3, "--resume")
+    assert "initialisation pass" not in capsys.readouterr().err
     assert sum("init/base/prompts" in r for r in resumed) == 1  # the pass ran once, before step 0
     key = "state/base/alpha/mean"
     assert [r[key] for r in resumed if key in r] == [r[key] for r in straight if key in r]

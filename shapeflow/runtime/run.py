@@ -203,6 +203,11 @@ def run(program: Program, spec_text: str, options: RunOptions) -> dict[str, Any]
     return _lead(trainer, program, run_dir, metrics_path, config, track, resolved, options)
 
 
+def _announce_init(binding: str, prompts: int, samples: int) -> None:
+    print(f"initialisation pass of '{binding}': the initial policy answers {prompts} training prompts "
+          f"{samples} time{'s' if samples != 1 else ''} each", file=sys.stderr, flush=True)
+
+
 def _write_run_files(run_dir: Path, spec_text: str, graph_json: str, resolved: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.shape").write_text(spec_text, encoding="utf-8")
@@ -267,9 +272,11 @@ def _lead(trainer, program: Program, run_dir: Path, metrics_path: Path, config, 
         if start_step == 0:
             before = trainer.evaluate(size=eval_size)
             summary["eval_before"] = before
-            init = trainer.initialise_states()
+            init = trainer.initialise_states(announce=_announce_init)
             if init:
                 summary["init"] = init
+                seconds = sum(v for k, v in init.items() if k.endswith("/seconds"))
+                print(f"initialisation pass done in {seconds:.1f} s", file=sys.stderr, flush=True)
             _append(metrics_path, {"step": -1, **before, **init})
         for step in range(start_step, config.steps):
             metrics = trainer.train_step(step)

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from shapeflow._lazy import torch
 from shapeflow.compiler.check import Program
@@ -660,13 +660,14 @@ class Trainer:
         return out.to(device=value.device, dtype=value.dtype)
 
     @torch.no_grad()
-    def initialise_states(self) -> dict[str, float]:
+    def initialise_states(self, announce: "Callable[[str, int, int], None] | None" = None) -> dict[str, float]:
         """Run the initialisation pass of every stateful stage that declares one (MSSR's
         tracker starts at each prompt's success rate under the initial policy): the initial
         policy answers every prompt of the training set ``init_samples`` times, as many responses
         at a time as a training rollout (shared out between processes), the nodes between the
         rollout and the stage run on them, and the stage's ``init`` writes its state. Call once,
         before the first step of a fresh run (a resumed run has its state from the checkpoint).
+        ``announce(binding, prompts, responses per prompt)`` is called as each pass starts.
         Returns ``init/<binding>/{prompts,responses,seconds}``."""
         metrics: dict[str, float] = {}
         rollout = self.program.nodes[self.rollout_node]
@@ -683,6 +684,8 @@ class Trainer:
             samples = int(node.params[st.init_samples])
             dataset = self.values[data_node]
             examples = [dataset[i] for i in range(len(dataset))]
+            if announce is not None:
+                announce(node.binding or node_id, len(examples), samples)
             wanted = set().union(*(_ancestors(self.program, src, stop=rollouts) for _, src in node.inputs))
             order = [n for n in self.plan.phases["rollout"] if n in wanted]
             engine = self.engine(params.get("engine", "generate"), self.policy)
