@@ -22,15 +22,23 @@ REGISTRY.add_engine(
 )
 
 
+# the sampling knobs that rollouts.sample and rollouts.resample share (one declaration each)
+_MAX_NEW_TOKENS = Field(32, ge=1, le=1_000_000, description="Length limit of a response, in tokens.")
+_TEMPERATURE = Field(1.0, gt=0, le=100, description="Sampling temperature; log-probs use the same one.")
+_TOP_P = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 disables it).")
+_TOP_K = Field(0, ge=0, description="Top-k sampling (0 disables it).")
+_CHAT = Field(False, description="Format each prompt as one user turn with the tokenizer's chat template (for "
+              "instruct models); false feeds the prompt text as it is.")
+
+
 class SampleParams(StageParams):
     n: int = Field(8, ge=1, le=4096, description="Responses sampled per prompt (the group size).")
-    max_new_tokens: int = Field(32, ge=1, le=1_000_000, description="Length limit of a response, in tokens.")
-    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature; log-probs use the same one.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 disables it).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0 disables it).")
+    max_new_tokens: int = _MAX_NEW_TOKENS
+    temperature: float = _TEMPERATURE
+    top_p: float = _TOP_P
+    top_k: int = _TOP_K
     engine: Literal["generate", "vllm"] = Field("generate", description="The rollout engine.")
-    chat: bool = Field(False, description="Format each prompt as one user turn with the tokenizer's chat "
-                       "template (for instruct models); false feeds the prompt text as it is.")
+    chat: bool = _CHAT
     pad_to: Literal["longest", "max_new_tokens"] = Field(
         "longest", description="Width of the batch's response tensors: the longest response of the step, or "
         "max_new_tokens for every step as verl pads (max_response_length). Only statistics that read padding "
@@ -91,13 +99,13 @@ def drop_truncated(groups):
 
 
 class ResampleParams(StageParams):
-    max_new_tokens: int = Field(32, ge=1, le=1_000_000, description="Length limit of a response, in tokens.")
-    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1 disables it).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0 disables it).")
+    max_new_tokens: int = _MAX_NEW_TOKENS
+    temperature: float = _TEMPERATURE
+    top_p: float = _TOP_P
+    top_k: int = _TOP_K
     engine: Literal["generate"] = Field("generate", description="The engine that samples (the generate engine "
                                         "on the given model).")
-    chat: bool = Field(False, description="Format each prompt with the tokenizer's chat template.")
+    chat: bool = _CHAT
 
 
 @stage(
